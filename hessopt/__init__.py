@@ -1,0 +1,48 @@
+"""hessopt: an AdaHessian optimizer and Hessian diagnostics for PyTorch, on one HVP core.
+
+The public API is flat; names are grouped below as in DESIGN.md.
+"""
+from .hvp import hvp, hvp_from_grads, second_order_safe
+from .operators import (
+    CurvatureOperator,
+    HessianOperator,
+    LambdaOperator,
+    MatrixOperator,
+    NonFiniteCurvatureError,
+)
+from .estimators import diagonal, trace
+from .results import EigenResult, LanczosResult, SpectralDensity, TraceResult
+from .spectrum import lanczos, spectral_density, top_eigenvalues
+from .optim import AdaHessian, GradientCurvature, Hutchinson, SecondOrderGraphError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # core
+    "hvp",
+    "hvp_from_grads",
+    "second_order_safe",
+    # operators
+    "CurvatureOperator",
+    "HessianOperator",
+    "MatrixOperator",
+    "LambdaOperator",
+    "NonFiniteCurvatureError",
+    # estimators
+    "trace",
+    "diagonal",
+    # spectrum
+    "lanczos",
+    "top_eigenvalues",
+    "spectral_density",
+    # optim
+    "AdaHessian",
+    "Hutchinson",
+    "GradientCurvature",
+    "SecondOrderGraphError",
+    # results
+    "EigenResult",
+    "TraceResult",
+    "LanczosResult",
+    "SpectralDensity",
+]

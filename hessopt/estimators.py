@@ -1,0 +1,172 @@
+r"""Stochastic estimators of the trace and the diagonal of a symmetric operator.
+
+All of them only apply ``op @ z`` to random probe vectors ``z``:
+
+* **Hutchinson trace** (Hutchinson 1990): for probes with :math:`E[zz^\top] = I`,
+  :math:`E[z^\top A z] = \operatorname{tr}(A E[zz^\top]) = \operatorname{tr} A`, so the mean of
+  :math:`z_i^\top A z_i` over :math:`m` probes is unbiased; its standard error is the sample
+  standard deviation over :math:`\sqrt m`. For Rademacher probes the variance of one sample is
+  :math:`2\sum_{i\ne j} A_{ij}^2`.
+* **Hutch++** (Meyer, Musco, Musco & Woodruff, SOSA 2021): spend a third of the budget on a
+  sketch :math:`Q = \operatorname{orth}(AS)` of the dominant range, take its trace exactly
+  (:math:`\operatorname{tr} Q^\top A Q`, a third), and Hutchinson on the deflated remainder
+  :math:`(I - QQ^\top) A (I - QQ^\top)` (the last third). Unbiased; the error of the first part is
+  zero given :math:`Q`, so for spectra with a few large eigenvalues (like network Hessians) the
+  variance drops sharply.
+* **Hutchinson diagonal** (Bekas, Kokiopoulou & Saad 2007): :math:`E[z \odot Az] = \operatorname{diag} A`
+  (Rademacher: :math:`z_i \sum_j A_{ij} z_j` has mean :math:`A_{ii}` because :math:`E[z_i z_j] = \delta_{ij}`).
+
+Each estimator takes ``generator=`` (a :class:`torch.Generator`, a seed, or ``None``) so results
+are reproducible, and ``probes=`` to use given probe vectors instead (columns of an ``(n, m)``
+tensor; e.g. all :math:`2^n` sign vectors to compute an exact expectation in a test).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+
+from .operators import CurvatureOperator, as_operator
+from ._progress import progress_bar
+from .probes import GeneratorLike, _check_distribution, generator_for, probe
+from .results import TraceResult
+
+__all__ = ["trace", "diagonal"]
+
+OperatorLike = Union[CurvatureOperator, torch.Tensor]
+
+
+def _check_count(name: str, value: int, minimum: int, why: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum} ({why}), got {value!r}")
+
+
+def _check_probes(op: CurvatureOperator, probes: torch.Tensor) -> torch.Tensor:
+    if not isinstance(probes, torch.Tensor) or probes.dim() != 2 or probes.shape[0] != op.num_params:
+        got = tuple(probes.shape) if isinstance(probes, torch.Tensor) else type(probes).__name__
+        raise ValueError(f"probes must be a ({op.num_params}, m) tensor with one probe per column, got {got}")
+    return probes.to(dtype=op.dtype, device=op.device)
+
+
+def _dot64(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.dot(a.double(), b.double()))
+
+
+def _mean_and_error(samples: torch.Tensor):
+    mean = float(samples.mean())
+    err = float(samples.std(unbiased=True) / math.sqrt(samples.numel())) if samples.numel() > 1 else math.inf
+    return mean, err
+
+
+def trace(
+    op: OperatorLike,
+    num_matvecs: int = 100,
+    method: str = "hutch++",
+    generator: GeneratorLike = None,
+    distribution: str = "rademacher",
+    probes: Optional[torch.Tensor] = None,
+    progress: bool = False,
+) -> TraceResult:
+    """Estimate ``tr(A)`` with a standard error, using ``num_matvecs`` products ``A @ z``.
+
+    Args:
+        op: an operator (e.g. :class:`hessopt.HessianOperator`) or a dense symmetric tensor.
+        num_matvecs: the budget: at least 2 for Hutchinson (to have an error bar), 4 for Hutch++.
+        method: ``"hutch++"`` (default; lower variance when a few eigenvalues dominate) or
+            ``"hutchinson"``.
+        generator: a :class:`torch.Generator` on the operator's device, a seed, or ``None``.
+        distribution: ``"rademacher"`` (default) or ``"gaussian"`` probes.
+        probes: Hutchinson only: an ``(n, m)`` tensor of probes to use instead of random ones.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        :class:`hessopt.TraceResult` with ``estimate``, ``std_error``, ``num_matvecs``, ``samples``.
+
+    Example:
+        >>> r = hessopt.trace(op, num_matvecs=99)
+        >>> print(f"{r.estimate:.1f} +- {r.std_error:.1f}")
+    """
+    op = as_operator(op)
+    _check_distribution(distribution)
+    if method == "hutchinson":
+        if probes is not None:
+            probes = _check_probes(op, probes)
+            num_matvecs = probes.shape[1]
+        _check_count("num_matvecs", num_matvecs, 2, "a standard error needs two samples")
+        return _hutchinson(op, num_matvecs, generator, distribution, probes, progress)
+    if method == "hutch++":
+        if probes is not None:
+            raise ValueError("probes= is supported for method='hutchinson' only")
+        _check_count("num_matvecs", num_matvecs, 4, "Hutch++ needs a sketch and two residual samples")
+        return _hutchpp(op, num_matvecs, generator, distribution, progress)
+    raise ValueError(f"unknown trace method {method!r}; choose 'hutch++' or 'hutchinson'")
+
+
+def _hutchinson(op, num_matvecs, generator, distribution, probes, progress) -> TraceResult:
+    gen = None if probes is not None else generator_for(op, generator)
+    samples = torch.empty(num_matvecs, dtype=torch.float64)
+    with progress_bar(num_matvecs, progress, "Hutchinson trace") as bar:
+        for i in range(num_matvecs):
+            z = probes[:, i] if probes is not None else probe(op.num_params, gen, dtype=op.dtype, distribution=distribution)
+            samples[i] = _dot64(z, op @ z)
+            bar.update()
+    estimate, err = _mean_and_error(samples)
+    return TraceResult(estimate, err, num_matvecs, "hutchinson", samples)
+
+
+def _hutchpp(op, num_matvecs, generator, distribution, progress) -> TraceResult:
+    gen = generator_for(op, generator)
+    n = op.num_params
+    sketch = min(num_matvecs // 3, n)
+    residual_probes = num_matvecs - 2 * sketch
+    with progress_bar(num_matvecs, progress, "Hutch++ trace") as bar:
+
+        def apply(v: torch.Tensor) -> torch.Tensor:
+            bar.update()
+            return op @ v
+
+        S = torch.stack([probe(n, gen, dtype=op.dtype, distribution=distribution) for _ in range(sketch)], dim=1)
+        AS = torch.stack([apply(col) for col in S.unbind(1)], dim=1)
+        Q = torch.linalg.qr(AS.double())[0].to(op.dtype)  # QR in float64: Q must be orthonormal
+        low_rank = sum(_dot64(q, apply(q)) for q in Q.unbind(1))
+        samples = torch.empty(residual_probes, dtype=torch.float64)
+        for i in range(residual_probes):
+            g = probe(n, gen, dtype=op.dtype, distribution=distribution)
+            g = g - Q @ (Q.T @ g)  # project out the sketched range: (I - QQ^T) g
+            samples[i] = _dot64(g, apply(g))
+    rest, err = _mean_and_error(samples)
+    return TraceResult(low_rank + rest, err, num_matvecs, "hutch++", samples)
+
+
+def diagonal(
+    op: OperatorLike,
+    num_matvecs: int = 100,
+    generator: GeneratorLike = None,
+    distribution: str = "rademacher",
+    probes: Optional[torch.Tensor] = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Hutchinson estimate of ``diag(A)``: the mean of ``z * (A @ z)`` over ``num_matvecs`` probes.
+
+    Returns a flat tensor of length ``op.num_params`` in the operator's dtype (for a
+    :class:`hessopt.HessianOperator`, split it per parameter with ``torch.split`` by ``p.numel()``).
+    Exact for a diagonal matrix with Rademacher probes (then ``z_i^2 = 1``).
+
+    Example:
+        >>> d = hessopt.diagonal(op, num_matvecs=50, generator=0)
+    """
+    op = as_operator(op)
+    _check_distribution(distribution)
+    if probes is not None:
+        probes = _check_probes(op, probes)
+        num_matvecs = probes.shape[1]
+    _check_count("num_matvecs", num_matvecs, 1, "at least one probe")
+    gen = None if probes is not None else generator_for(op, generator)
+    total = torch.zeros(op.num_params, dtype=op.dtype, device=op.device)
+    with progress_bar(num_matvecs, progress, "Hutchinson diagonal") as bar:
+        for i in range(num_matvecs):
+            z = probes[:, i] if probes is not None else probe(op.num_params, gen, dtype=op.dtype, distribution=distribution)
+            total.addcmul_(z, op @ z)
+            bar.update()
+    return total / num_matvecs

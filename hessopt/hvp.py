@@ -1,0 +1,297 @@
+r"""The Hessian-vector-product (HVP) core: the only place in hessopt that differentiates twice.
+
+For a scalar loss :math:`L(\theta)` with gradient :math:`g = \nabla L`, the product of the Hessian
+with a vector :math:`v` is the gradient of the scalar :math:`g^\top v`:
+
+.. math::  H v = \nabla_\theta \, (g(\theta)^\top v),
+
+so one extra backward pass through the graph of :math:`g` (built by
+``autograd.grad(..., create_graph=True)`` or ``loss.backward(create_graph=True)``) gives :math:`Hv`
+exactly, without forming :math:`H` (Pearlmutter 1994). This is reverse-over-reverse
+differentiation and works for every module PyTorch can differentiate twice.
+
+PyTorch's fused attention kernels (flash, memory-efficient, cuDNN, and the CPU flash kernel) have a
+backward that cannot itself be differentiated, so a plain HVP through ``nn.MultiheadAttention``,
+``nn.TransformerEncoderLayer`` or a timm ViT fails with "derivative for
+aten::_scaled_dot_product_flash_attention..._backward is not implemented".
+:func:`second_order_safe` fixes that without changes to user code: inside it, scaled-dot-product
+attention keeps its fused forward kernel, and only a backward that builds a graph (the
+``create_graph=True`` one) recomputes attention with PyTorch's composite "math" formulation, whose
+derivative is twice differentiable.
+
+Functions:
+    hvp(loss_fn, params, vectors):             builds the gradient graph, then one HVP.
+    hvp_from_grads(grads, params, vectors):    one HVP from gradients that carry their graph.
+    second_order_safe():                       context manager, see above.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Callable, Iterator, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["hvp", "hvp_from_grads", "second_order_safe", "gradients_with_graph", "as_param_list"]
+
+TensorList = List[torch.Tensor]
+
+_COMPILE_MESSAGE = (
+    "the model runs under torch.compile, which does not support double backward (second "
+    "derivatives). Use the uncompiled module for Hessian computations: for diagnostics pass "
+    "`model._orig_mod`; for AdaHessian train the uncompiled model (or compile only parts that hold "
+    "no parameters)."
+)
+
+
+def as_param_list(params: Union[torch.Tensor, Sequence[torch.Tensor]]) -> TensorList:
+    """Normalize ``params`` (one tensor or a sequence of tensors) to a list, checking requires_grad."""
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    params = list(params)
+    if not params:
+        raise ValueError("params is empty: pass the tensors to differentiate with respect to")
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"params[{i}] is a {type(p).__name__}, not a tensor")
+        if not p.requires_grad:
+            raise ValueError(
+                f"params[{i}] (shape {tuple(p.shape)}) does not require grad: it is frozen or not a "
+                "parameter; leave it out of params (or call requires_grad_() on it)"
+            )
+    return params
+
+
+def _check_vectors(vectors: Union[torch.Tensor, Sequence[torch.Tensor]], params: TensorList) -> TensorList:
+    if isinstance(vectors, torch.Tensor):
+        vectors = [vectors]
+    vectors = list(vectors)
+    if len(vectors) != len(params):
+        raise ValueError(
+            f"got {len(vectors)} vectors for {len(params)} parameters: pass one tensor shaped like "
+            "each parameter (flatten/unflatten with the operator's `@` for flat vectors)"
+        )
+    for i, (v, p) in enumerate(zip(vectors, params)):
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"vectors[{i}] is a {type(v).__name__}, not a tensor")
+        if v.shape != p.shape:
+            raise ValueError(
+                f"vectors[{i}] has shape {tuple(v.shape)} but its parameter has shape {tuple(p.shape)}"
+            )
+        if v.dtype != p.dtype:
+            raise TypeError(
+                f"vectors[{i}] has dtype {v.dtype} but its parameter has dtype {p.dtype}; convert "
+                f"with v.to({p.dtype})"
+            )
+    return vectors
+
+
+@contextlib.contextmanager
+def _explain_compile_errors() -> Iterator[None]:
+    """Re-raise torch.compile's double-backward failure with a message that says what to do."""
+    try:
+        yield
+    except RuntimeError as err:
+        text = str(err)
+        if "double backward" in text and ("compile" in text or "aot_autograd" in text):
+            raise RuntimeError(_COMPILE_MESSAGE) from err
+        raise
+
+
+def gradients_with_graph(loss: torch.Tensor, params: TensorList) -> TensorList:
+    """``d loss / d params`` with ``create_graph=True``; parameters the loss ignores get ``None``."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"the loss must be a tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(
+            f"the loss must be a scalar, got shape {tuple(loss.shape)}; reduce it (e.g. .mean())"
+        )
+    if not loss.requires_grad:
+        raise ValueError(
+            "the loss does not depend on any tensor that requires grad: check that params are "
+            "used by the loss and that it is not computed under torch.no_grad()"
+        )
+    with _explain_compile_errors():
+        grads = torch.autograd.grad(loss.reshape(()), params, create_graph=True, allow_unused=True)
+    return list(grads)
+
+
+def hvp_from_grads(
+    grads: Sequence[Optional[torch.Tensor]],
+    params: Sequence[torch.Tensor],
+    vectors: Union[torch.Tensor, Sequence[torch.Tensor]],
+    retain_graph: bool = True,
+) -> TensorList:
+    r"""Hessian-vector product :math:`Hv = \nabla_\theta (g^\top v)` from graph-carrying gradients.
+
+    Args:
+        grads: gradients of a scalar loss with respect to ``params``, computed with
+            ``create_graph=True`` (``torch.autograd.grad`` or ``loss.backward``). ``None`` marks a
+            parameter the loss does not use; its block of ``Hv`` is zero.
+        params: the tensors the gradients were taken with respect to.
+        vectors: one tensor shaped like each parameter.
+        retain_graph: keep the gradient graph for further products (default ``True``: HVP-based
+            estimators call this many times on one graph). Pass ``False`` on the last call to free
+            it early.
+
+    Returns:
+        ``Hv`` as a list shaped like ``params``. A parameter that no gradient depends on gets zeros.
+
+    Example:
+        >>> loss = model(x).pow(2).mean()
+        >>> grads = torch.autograd.grad(loss, params, create_graph=True)
+        >>> hv = hessopt.hvp_from_grads(grads, params, [torch.ones_like(p) for p in params])
+    """
+    params = list(params)
+    grads = list(grads)
+    if len(grads) != len(params):
+        raise ValueError(f"got {len(grads)} gradients for {len(params)} parameters")
+    vectors = _check_vectors(vectors, params)
+    with torch.enable_grad():  # the dot product must join the graph even inside no_grad code (optimizers)
+        terms = [(g * v).sum() for g, v in zip(grads, vectors) if g is not None and g.requires_grad]
+    if not terms:
+        raise ValueError(
+            "the gradients carry no graph, so their derivative cannot be taken: compute them with "
+            "create_graph=True (loss.backward(create_graph=True) or torch.autograd.grad(..., "
+            "create_graph=True))"
+        )
+    # Summing the per-tensor dot products first gives one backward pass for all blocks.
+    with torch.enable_grad():
+        dot = terms[0] if len(terms) == 1 else torch.stack(terms).sum()
+    with _explain_compile_errors():
+        hv = torch.autograd.grad(dot, params, retain_graph=retain_graph, allow_unused=True)
+    return [torch.zeros_like(p) if h is None else h for p, h in zip(params, hv)]
+
+
+def hvp(
+    loss_fn: Callable[[], torch.Tensor],
+    params: Union[torch.Tensor, Sequence[torch.Tensor]],
+    vectors: Union[torch.Tensor, Sequence[torch.Tensor]],
+) -> TensorList:
+    r"""Hessian-vector product of ``loss_fn()`` with respect to ``params``.
+
+    Evaluates the loss under :func:`second_order_safe` (so attention layers work), builds its
+    gradient graph, and returns :math:`Hv` as a list shaped like ``params``. To multiply many
+    vectors with one Hessian, build the gradients once and call :func:`hvp_from_grads` instead
+    (or use :class:`hessopt.HessianOperator`, which does this for you).
+
+    Example:
+        >>> params = list(model.parameters())
+        >>> hv = hessopt.hvp(lambda: F.cross_entropy(model(x), y), params, [torch.randn_like(p) for p in params])
+    """
+    params = as_param_list(params)
+    vectors = _check_vectors(vectors, params)
+    with second_order_safe():
+        loss = loss_fn()
+        grads = gradients_with_graph(loss, params)
+    return hvp_from_grads(grads, params, vectors, retain_graph=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Twice-differentiable scaled-dot-product attention
+# --------------------------------------------------------------------------------------------------
+
+_ORIGINAL_SDPA = torch._C._nn.scaled_dot_product_attention
+_MATH_SDPA = torch.ops.aten._scaled_dot_product_attention_math
+
+
+class _FusedForwardMathBackwardSDPA(torch.autograd.Function):
+    """SDPA whose forward is PyTorch's fused kernel and whose graph-building backward is composite.
+
+    A first-order backward (``create_graph=False``) recomputes the fused forward and uses the fused
+    backward. A backward with ``create_graph=True`` recomputes attention with the composite math
+    formulation from the *saved, graph-carrying* inputs and differentiates it with
+    ``create_graph=True``, so the returned gradients can be differentiated again (HVPs).
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, attn_mask, is_causal, scale, enable_gqa):  # type: ignore[override]
+        ctx.options = dict(is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        ctx.save_for_backward(query, key, value, attn_mask)
+        with torch._C.DisableTorchFunction():
+            return _ORIGINAL_SDPA(query, key, value, attn_mask, 0.0, **ctx.options)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        query, key, value, attn_mask = ctx.saved_tensors
+        inputs = (query, key, value, attn_mask)
+        wanted = [t is not None and ctx.needs_input_grad[i] for i, t in enumerate(inputs)]
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad(), torch._C.DisableTorchFunction():
+            if create_graph:
+                # The saved tensors still carry their history: the math recomputation hangs off the
+                # user's graph, and its gradient is a differentiable function of the parameters.
+                diff_inputs = [t for t, w in zip(inputs, wanted) if w]
+                out = _MATH_SDPA(query, key, value, attn_mask, 0.0, **ctx.options)[0]
+            else:
+                leaves = [t.detach().requires_grad_(w) if t is not None else None for t, w in zip(inputs, wanted)]
+                diff_inputs = [t for t, w in zip(leaves, wanted) if w]
+                out = _ORIGINAL_SDPA(*leaves, 0.0, **ctx.options)
+            grads = iter(torch.autograd.grad(out, diff_inputs, grad_out, create_graph=create_graph))
+        return tuple(next(grads) if w else None for w in wanted) + (None, None, None)
+
+
+def _sdpa_twice_differentiable(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
+    """Drop-in for ``F.scaled_dot_product_attention`` used inside :func:`second_order_safe`."""
+    tensors = [t for t in (query, key, value, attn_mask) if isinstance(t, torch.Tensor)]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        with torch._C.DisableTorchFunction():
+            return _ORIGINAL_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+    if dropout_p > 0.0:
+        # A dropout mask cannot be reproduced by a recomputation, so with dropout the whole
+        # attention runs in the composite formulation, which is twice differentiable as is.
+        with torch._C.DisableTorchFunction():
+            return _MATH_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)[0]
+    return _FusedForwardMathBackwardSDPA.apply(query, key, value, attn_mask, is_causal, scale, enable_gqa)
+
+
+class _SDPAMode(TorchFunctionMode):
+    """Routes direct calls of ``torch._C._nn.scaled_dot_product_attention`` (however imported)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _ORIGINAL_SDPA:
+            return _sdpa_twice_differentiable(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+_patch_lock = threading.Lock()
+_patch_depth = 0
+
+
+@contextlib.contextmanager
+def second_order_safe() -> Iterator[None]:
+    """Make scaled-dot-product attention twice differentiable inside the ``with`` block.
+
+    Forward passes run inside the block record an attention node whose first-order backward is the
+    fused kernel's and whose graph-building backward (``create_graph=True``) is the composite math
+    formulation, so HVPs through ``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``,
+    ``nn.TransformerEncoderLayer`` and timm ViTs work. Calls are intercepted both through the
+    module attribute ``torch.nn.functional.scaled_dot_product_attention`` (which ``nn.MultiheadAttention``
+    and most libraries look up at call time) and through a ``TorchFunctionMode`` (for code that
+    imported the function directly). Attention with ``dropout_p > 0`` runs in the math formulation.
+    Re-entrant; the module attribute is process-global while any thread is inside the block.
+
+    Example:
+        >>> with hessopt.second_order_safe():
+        ...     loss = criterion(transformer(x), y)
+        ...     grads = torch.autograd.grad(loss, params, create_graph=True)
+        >>> hv = hessopt.hvp_from_grads(grads, params, vectors)
+    """
+    global _patch_depth
+    with _patch_lock:
+        if _patch_depth == 0:
+            F.scaled_dot_product_attention = _sdpa_twice_differentiable
+        _patch_depth += 1
+    try:
+        with _SDPAMode():
+            yield
+    finally:
+        with _patch_lock:
+            _patch_depth -= 1
+            if _patch_depth == 0:
+                F.scaled_dot_product_attention = _ORIGINAL_SDPA
