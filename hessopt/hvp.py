@@ -85,6 +85,11 @@ def _check_vectors(vectors: Union[torch.Tensor, Sequence[torch.Tensor]], params:
                 f"vectors[{i}] has dtype {v.dtype} but its parameter has dtype {p.dtype}; convert "
                 f"with v.to({p.dtype})"
             )
+        if v.device != p.device:
+            raise ValueError(
+                f"vectors[{i}] is on {v.device} but its parameter is on {p.device}; move it with "
+                f"v.to({str(p.device)!r})"
+            )
     return vectors
 
 
@@ -144,6 +149,12 @@ def hvp_from_grads(
         >>> grads = torch.autograd.grad(loss, params, create_graph=True)
         >>> hv = hessopt.hvp_from_grads(grads, params, [torch.ones_like(p) for p in params])
     """
+    return _hvp_from_grads(grads, params, vectors, retain_graph, graph_was_built=False)
+
+
+def _hvp_from_grads(grads, params, vectors, retain_graph: bool, graph_was_built: bool) -> TensorList:
+    """:func:`hvp_from_grads`; ``graph_was_built``: the caller used ``create_graph=True`` itself, so
+    gradients without a graph mean zero curvature rather than a forgotten ``create_graph``."""
     params = list(params)
     grads = list(grads)
     if len(grads) != len(params):
@@ -151,6 +162,10 @@ def hvp_from_grads(
     vectors = _check_vectors(vectors, params)
     with torch.enable_grad():  # the dot product must join the graph even inside no_grad code (optimizers)
         terms = [(g * v).sum() for g, v in zip(grads, vectors) if g is not None and g.requires_grad]
+    if not terms and graph_was_built:
+        # The gradients were built with create_graph=True and still depend on nothing: the loss is
+        # linear (or constant) in params, so the Hessian is exactly zero.
+        return [torch.zeros_like(p) for p in params]
     if not terms:
         raise ValueError(
             "the gradients carry no graph, so their derivative cannot be taken: compute them with "
@@ -186,7 +201,7 @@ def hvp(
     with second_order_safe():
         loss = loss_fn()
         grads = gradients_with_graph(loss, params)
-    return hvp_from_grads(grads, params, vectors, retain_graph=False)
+    return _hvp_from_grads(grads, params, vectors, retain_graph=False, graph_was_built=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,6 +210,19 @@ def hvp(
 
 _ORIGINAL_SDPA = torch._C._nn.scaled_dot_product_attention
 _MATH_SDPA = torch.ops.aten._scaled_dot_product_attention_math
+
+
+def _math_sdpa(query, key, value, attn_mask, dropout_p, **options) -> torch.Tensor:
+    """PyTorch's composite attention, called directly (twice differentiable).
+
+    ``F.scaled_dot_product_attention`` turns a boolean mask (True = attend) into an additive one
+    before it dispatches; the aten math kernel called directly would *add* the booleans as 0/1, so
+    the conversion is done here.
+    """
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        additive = torch.zeros(attn_mask.shape, dtype=query.dtype, device=attn_mask.device)
+        attn_mask = additive.masked_fill_(attn_mask.logical_not(), float("-inf"))
+    return _MATH_SDPA(query, key, value, attn_mask, dropout_p, **options)[0]
 
 
 class _FusedForwardMathBackwardSDPA(torch.autograd.Function):
@@ -224,7 +252,7 @@ class _FusedForwardMathBackwardSDPA(torch.autograd.Function):
                 # The saved tensors still carry their history: the math recomputation hangs off the
                 # user's graph, and its gradient is a differentiable function of the parameters.
                 diff_inputs = [t for t, w in zip(inputs, wanted) if w]
-                out = _MATH_SDPA(query, key, value, attn_mask, 0.0, **ctx.options)[0]
+                out = _math_sdpa(query, key, value, attn_mask, 0.0, **ctx.options)
             else:
                 leaves = [t.detach().requires_grad_(w) if t is not None else None for t, w in zip(inputs, wanted)]
                 diff_inputs = [t for t, w in zip(leaves, wanted) if w]
@@ -245,7 +273,7 @@ def _sdpa_twice_differentiable(
         # A dropout mask cannot be reproduced by a recomputation, so with dropout the whole
         # attention runs in the composite formulation, which is twice differentiable as is.
         with torch._C.DisableTorchFunction():
-            return _MATH_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)[0]
+            return _math_sdpa(query, key, value, attn_mask, dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     return _FusedForwardMathBackwardSDPA.apply(query, key, value, attn_mask, is_causal, scale, enable_gqa)
 
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, 
 import torch
 from torch import nn
 
-from .hvp import gradients_with_graph, hvp_from_grads, second_order_safe
+from .hvp import _hvp_from_grads, gradients_with_graph, second_order_safe
 
 __all__ = [
     "CurvatureOperator",
@@ -504,12 +504,12 @@ class HessianOperator(CurvatureOperator):
                 if self._cache is None:
                     self._cache = self._batch_grads(self._data[0])
                 grads, n, _ = self._cache
-                total, count = flatten(hvp_from_grads(grads, self.params, vectors)) * n, n
+                total, count = flatten(_hvp_from_grads(grads, self.params, vectors, True, graph_was_built=True)) * n, n
             else:
                 total, count = torch.zeros_like(v), 0.0
                 for batch in self._batches():
                     grads, n, _ = self._batch_grads(batch)
-                    hv = hvp_from_grads(grads, self.params, vectors, retain_graph=False)
+                    hv = _hvp_from_grads(grads, self.params, vectors, False, graph_was_built=True)
                     total.add_(flatten(hv), alpha=n)
                     count += n
         total, count = self._reduce(total, count)
