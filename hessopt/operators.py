@@ -340,8 +340,8 @@ class HessianOperator(CurvatureOperator):
             Hessian of the training loss as the optimizer sees it). Dropout is off in both.
         cache_graph: keep the gradient graph between products, so each ``op @ v`` costs one extra
             backward instead of forward + backward + extra backward. Default: on for a single batch,
-            off for an iterable (memory). The cache assumes the parameters do not change; call
-            :meth:`clear_cache` after modifying them.
+            off for an iterable (with it on, every batch's graph is kept in memory). The cache
+            assumes the parameters do not change; call :meth:`clear_cache` after modifying them.
         distributed: average over all processes of an initialized ``torch.distributed`` group, each
             weighted by its number of samples (``None``: when a group with more than one process is
             initialized).
@@ -400,9 +400,11 @@ class HessianOperator(CurvatureOperator):
             self._data = list(data)  # a one-shot iterator must survive many products
         else:
             self._data = data
+        if hasattr(self._data, "__len__") and len(self._data) == 0:
+            raise ValueError("data is empty: pass at least one (inputs, targets) batch")
         self.cache_graph = self._single if cache_graph is None else bool(cache_graph)
         self._distributed = distributed
-        self._cache: Optional[Tuple[List[Optional[torch.Tensor]], float, torch.Tensor]] = None
+        self._cache: Optional[List[Tuple[List[Optional[torch.Tensor]], float]]] = None
 
     @staticmethod
     def _uncompiled(model: nn.Module) -> nn.Module:
@@ -497,21 +499,24 @@ class HessianOperator(CurvatureOperator):
         loss, n = self._forward_loss(batch)
         return gradients_with_graph(loss, self.params), float(n), loss.detach()
 
+    def _graphs(self) -> Iterator[Tuple[List[Optional[torch.Tensor]], float]]:
+        """``(gradients with graph, batch size)`` per batch; built once and kept if ``cache_graph``."""
+        if not self.cache_graph:
+            for batch in self._batches():
+                yield self._batch_grads(batch)[:2]
+            return
+        if self._cache is None:
+            self._cache = [self._batch_grads(batch)[:2] for batch in self._batches()]
+        yield from self._cache
+
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         vectors = unflatten(v, self.shapes)
+        total, count = torch.zeros_like(v), 0.0
         with self._rng_guard():
-            if self.cache_graph and self._single:
-                if self._cache is None:
-                    self._cache = self._batch_grads(self._data[0])
-                grads, n, _ = self._cache
-                total, count = flatten(_hvp_from_grads(grads, self.params, vectors, True, graph_was_built=True)) * n, n
-            else:
-                total, count = torch.zeros_like(v), 0.0
-                for batch in self._batches():
-                    grads, n, _ = self._batch_grads(batch)
-                    hv = _hvp_from_grads(grads, self.params, vectors, False, graph_was_built=True)
-                    total.add_(flatten(hv), alpha=n)
-                    count += n
+            for grads, n in self._graphs():
+                hv = _hvp_from_grads(grads, self.params, vectors, self.cache_graph, graph_was_built=True)
+                total.add_(flatten(hv), alpha=n)
+                count += n
         total, count = self._reduce(total, count)
         return total / count
 
