@@ -14,7 +14,7 @@ import torch
 
 from ..hvp import second_order_safe
 from .averaging import AVERAGING_POLICIES, average_curvature
-from .curvature import GradientCurvature, Hutchinson, needs_graph
+from .curvature import make_curvature, needs_graph
 
 __all__ = ["AdaHessian", "SecondOrderGraphError", "adahessian_update"]
 
@@ -40,6 +40,21 @@ _UNSCALED_AMP = (
     "opt.needs_hessian is True (e.g. clip gradients only on the other steps), or use bf16 autocast, "
     "which needs no loss scaling."
 )
+
+_FUSED_ATTENTION = (
+    "the Hessian estimate went through a fused scaled-dot-product-attention kernel, whose backward "
+    "PyTorch cannot differentiate again. Either pass a closure, opt.step(closure) (the optimizer then "
+    "runs it under hessopt.second_order_safe()), or run the forward pass and "
+    "loss.backward(create_graph=True) inside `with hessopt.second_order_safe():`."
+)
+
+
+def _explain_attention_errors(err: RuntimeError) -> RuntimeError:
+    """The error to raise for ``err`` from the HVP: a clearer one for fused attention, else ``err``."""
+    text = str(err)
+    if "scaled_dot_product" in text and "not implemented" in text:
+        return RuntimeError(_FUSED_ATTENTION)
+    return err
 
 
 @contextlib.contextmanager
@@ -139,21 +154,36 @@ class AdaHessian(torch.optim.Optimizer):
             theta  <- theta - lr/(1 - b1^t) * m / ((sqrt(v / (1 - b2^h)))^k + eps)
 
     Defaults come from the paper's image-classification recipe: ``lr=0.15, betas=(0.9, 0.999),
-    eps=1e-4, hessian_power=1``. Reproducing the paper's recipes with the decoupled weight decay:
+    eps=1e-4, hessian_power=1``. Reproducing the paper's recipes (Yao et al. 2021 and the authors'
+    published scripts) with this class:
 
-    * CIFAR-10 ResNets: the paper applies ``theta -= lr * (update + (5e-4 / lr0) * theta)`` with
-      ``lr0 = 0.15``, i.e. ``weight_decay = 5e-4 / 0.15 = 3.33e-3``; batch 256, 160 epochs, lr x0.1
-      at epochs 80 and 120.
-    * fairseq Transformer (IWSLT14/WMT14): ``lr=0.047, betas=(0.9, 0.98), eps=1e-4,
-      block_length=32`` with inverse-sqrt schedule and 8k warm-up; its ``theta -= lr * 1e-4 *
-      theta`` is ``weight_decay=1e-4``.
+    * CIFAR-10 ResNets: ``AdaHessian(params, lr=0.15, betas=(0.9, 0.999), eps=1e-4,
+      weight_decay=5e-4 / 0.15)`` (conv kernels are averaged over their spatial positions by
+      default), batch 256, 160 epochs, lr x0.1 at epochs 80 and 120. The paper applies weight decay
+      as ``theta -= lr * (update + (5e-4 / lr0) * theta)`` with ``lr0 = 0.15``, which is exactly
+      the decoupled ``theta *= 1 - lr * wd`` with ``wd = 5e-4 / 0.15 = 3.33e-3`` (scheduled ``lr``).
+    * fairseq Transformer (IWSLT14 de-en / WMT14): ``AdaHessian(params, lr=0.047, betas=(0.9, 0.98),
+      eps=1e-4, weight_decay=1e-4, block_length=32)``, inverse-sqrt schedule with 8k warm-up
+      updates (warm-up start lr 3.13e-6), no gradient clipping; its ``theta -= lr * 1e-4 * theta``
+      is ``weight_decay=1e-4``.
 
-    Where implementations differ (FIELD_NOTES.md): the estimate is ``|z * Hz|`` here as in the
-    paper (some use the signed value); eps is added after the power (as in the paper and timm);
-    bias correction of ``v`` counts Hessian updates ``h``, not steps (with lazy updates counting
-    steps under-corrects); Hessian power defaults to 1 (the paper's choice; some default to 0.5).
-    PyTorch-optimizer's Rademacher sampler ``randint_like(p, 0, 1) * 2 - 1`` is always -1 and
-    estimates row sums: here probes come from the optimizer's own seeded generator.
+    Where implementations differ, and what this one does:
+
+    * estimate: ``|z * Hz|`` (the paper); some implementations use the signed value.
+    * eps: added after the power, ``(sqrt(v_hat))^k + eps`` (the paper, timm); defaults elsewhere
+      range from 1e-16 to 1e-2.
+    * bias correction of ``v``: counts Hessian updates ``h``. With ``update_each > 1``, counting
+      optimizer steps (as some peers do) under-corrects ``v``; with ``update_each=1`` the two agree.
+    * Hessian power: 1 by default (the paper's choice); some default to 0.5.
+    * spatial averaging: one rule per tensor shape (:mod:`hessopt.optim.averaging`), conv kernels of
+      every dimensionality. The authors' fairseq code averages a 2-D tensor over blocks of the
+      *flattened* tensor (which needs ``numel`` divisible by ``B``); here blocks run along the last
+      dimension, which is the same wherever that dimension is divisible by ``B``, and a trailing
+      partial block is averaged on its own.
+    * probes: Rademacher from the optimizer's own seeded generator (saved in ``state_dict()``);
+      PyTorch-optimizer's sampler ``randint_like(p, 0, 1) * 2 - 1`` is always -1 (row sums).
+    * first step: a parameter is never updated before its first Hessian estimate, so the step never
+      divides by ``eps`` alone.
 
     Driving it (all three are equivalent and tested to give the same trajectory):
 
@@ -169,11 +199,17 @@ class AdaHessian(torch.optim.Optimizer):
        On Hessian steps the optimizer runs the closure with every ``backward()`` building the
        gradient's graph and under :func:`hessopt.second_order_safe` (fused attention works).
     2. Explicit: ``loss.backward(create_graph=opt.needs_hessian); opt.step()``.
-       ``is_second_order = True`` makes timm's training loop pass ``create_graph=True``.
+       ``is_second_order = True`` makes timm's training loop pass ``create_graph=True``. Models
+       with attention: run the forward pass inside ``with hessopt.second_order_safe():``.
     3. AMP: bf16 autocast as usual; fp16 with ``torch.amp.GradScaler``:
        ``scaler.scale(loss).backward(create_graph=True); scaler.step(opt); scaler.update()`` —
        the optimizer unscales the Hessian estimate together with the gradient and skips overflow
-       steps without touching its state.
+       steps without touching its state. (Do not call ``scaler.unscale_(opt)`` before a Hessian
+       step: the scale is then lost for the Hessian estimate, and the step raises.)
+
+    After every step the gradients are detached (their graph and the parameter<->gradient
+    reference cycle are freed). ``torch.compile``d models cannot be differentiated twice: the step
+    raises an error that says so; train the uncompiled module.
 
     Args:
         params: parameters or parameter groups (groups may override lr, betas, eps, weight_decay,
@@ -191,8 +227,9 @@ class AdaHessian(torch.optim.Optimizer):
             or ``"none"``.
         block_length: block size for averaging 2-D weights (``None``: no averaging of 2-D weights).
         distribution: probe distribution, ``"rademacher"`` or ``"gaussian"``.
-        curvature: a curvature source replacing the Hutchinson estimate (see
-            :mod:`hessopt.optim.curvature`; e.g. ``"gradient"`` gives AdamW).
+        curvature: the curvature source: ``None``/``"hutchinson"`` (default), ``"exact"`` (the
+            exact Hessian diagonal, one HVP per parameter entry: tiny models and tests),
+            ``"gradient"`` (``g`` itself: AdamW) or a callable (see :mod:`hessopt.optim.curvature`).
         foreach: use the multi-tensor (``torch._foreach_*``) kernels (default: when all parameters
             are on CUDA).
 
@@ -244,29 +281,14 @@ class AdaHessian(torch.optim.Optimizer):
             averaging=averaging,
             block_length=block_length,
         )
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            _check_hyperparameters(
-                group["lr"], group["betas"], group["eps"], group["weight_decay"],
-                group["hessian_power"], group["averaging"], group["block_length"],
-            )
+        super().__init__(params, defaults)  # validates every group through add_param_group
         self.update_each = update_each
         self.seed = seed
         self.foreach = foreach
-        if curvature is None:
-            curvature = Hutchinson(n_samples, distribution)
-        elif curvature == "gradient":
-            curvature = GradientCurvature()
-        elif curvature == "hutchinson":
-            curvature = Hutchinson(n_samples, distribution)
-        elif not callable(curvature):
-            raise TypeError(
-                "curvature must be None, 'hutchinson', 'gradient' or a callable "
-                "(params, grads, generators) -> list of tensors"
-            )
-        self.curvature = curvature
+        self.curvature = make_curvature(curvature, n_samples, distribution)
         self._generators: Dict[torch.device, torch.Generator] = {}
-        self.state[_GLOBAL_KEY] = {"step": 0, "generator_states": {}}
+        self._warned_nonfinite = False
+        self.state[_GLOBAL_KEY] = {"step": 0, "seed": seed, "generator_states": {}}
         # Under torch.distributed, gradient hooks must be in place before the first backward.
         self._distributed = None
         self._distributed_context()
@@ -278,11 +300,14 @@ class AdaHessian(torch.optim.Optimizer):
         """Whether the next :meth:`step` computes a Hessian estimate (so its backward needs ``create_graph=True``).
 
         True on the first step, every ``update_each``-th step after it, and whenever a parameter
-        has received gradients but no Hessian estimate yet.
+        has received gradients but no (finite) Hessian estimate yet; always False for curvature
+        sources that need no graph (``curvature="gradient"``). Explicit loops pass it on:
+        ``loss.backward(create_graph=opt.needs_hessian)``.
         """
         return needs_graph(self.curvature) and self._curvature_due()
 
     def _curvature_due(self) -> bool:
+        """Whether the next step is a Hessian step (whatever the curvature source)."""
         if self.state[_GLOBAL_KEY]["step"] % self.update_each == 0:
             return True
         return any(
@@ -290,51 +315,89 @@ class AdaHessian(torch.optim.Optimizer):
         )
 
     def _generator(self, device: torch.device) -> torch.Generator:
+        """The probe generator for ``device``: seeded with ``seed``, or resumed from a loaded state."""
         gen = self._generators.get(device)
         if gen is None:
             gen = torch.Generator(device=device).manual_seed(self.seed)
-            saved = self.state[_GLOBAL_KEY]["generator_states"].get(str(device))
+            saved = self.state[_GLOBAL_KEY]["generator_states"].pop(str(device), None)
             if saved is not None:
-                gen.set_state(saved)
+                gen.set_state(saved.cpu())  # set_state takes a CPU ByteTensor for every device type
             self._generators[device] = gen
         return gen
 
     def state_dict(self) -> Dict[str, Any]:
+        """``torch.optim`` state dict; the ``"adahessian"`` entry of ``state`` holds the optimizer-wide
+        step counter, the seed and the probe generators' states (a snapshot, unlike the per-parameter
+        tensors, which torch returns by reference)."""
+        state_dict = super().state_dict()
         glob = self.state[_GLOBAL_KEY]
-        for device, gen in self._generators.items():
-            glob["generator_states"][str(device)] = gen.get_state()
-        return super().state_dict()
+        generator_states = {k: v.clone() for k, v in glob["generator_states"].items()}
+        generator_states.update({str(d): g.get_state() for d, g in self._generators.items()})
+        state_dict["state"][_GLOBAL_KEY] = {
+            "step": glob["step"], "seed": self.seed, "generator_states": generator_states,
+        }
+        return state_dict
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        if _GLOBAL_KEY not in state_dict.get("state", {}):
+        """Load a state dict saved by :meth:`state_dict`; the run then continues bit-identically,
+        with the saved seed and probe streams (whatever ``seed`` this optimizer was built with)."""
+        glob = state_dict.get("state", {}).get(_GLOBAL_KEY)
+        if not isinstance(glob, dict) or "generator_states" not in glob:
             raise ValueError(
                 "this state_dict was not saved by hessopt.AdaHessian (it has no probe-generator state); "
                 "load it into the optimizer type that saved it"
             )
         super().load_state_dict(state_dict)
-        glob = self.state[_GLOBAL_KEY]
-        glob["generator_states"] = {k: v.clone() for k, v in glob["generator_states"].items()}
+        # A private copy: torch stores non-parameter entries by reference, and the step counter of
+        # two optimizers loaded from one dict must not be shared.
+        self.seed = int(glob.get("seed", self.seed))
+        self.state[_GLOBAL_KEY] = {
+            "step": int(glob["step"]),
+            "seed": self.seed,
+            "generator_states": {k: v.detach().cpu().clone() for k, v in glob["generator_states"].items()},
+        }
         self._generators = {}  # rebuilt from the loaded states on first use
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add a parameter group; its hyper-parameters are validated like the constructor's."""
+        group = {**self.defaults, **param_group}  # checked before torch stores it
+        _check_hyperparameters(
+            group["lr"], group["betas"], group["eps"], group["weight_decay"],
+            group["hessian_power"], group["averaging"], group["block_length"],
+        )
+        super().add_param_group(param_group)
 
     # -- the step --------------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
-        """Perform one optimization step (see the class docstring for the three calling conventions)."""
+        """Perform one optimization step (see the class docstring for the three calling conventions).
+
+        Returns the closure's loss, detached: the graph it carried is of no use once the parameters
+        have changed, and holding it would keep the forward pass's saved tensors alive.
+        """
         hessian_step = self._curvature_due()
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                if hessian_step and needs_graph(self.curvature):
-                    with second_order_safe(), _backward_builds_graph():
-                        loss = closure()
-                else:
-                    loss = closure()
         try:
+            loss = self._run_closure(closure, hessian_step)
             self._step(hessian_step)
+        except BaseException:
+            # GradScaler deletes grad_scale/found_inf only after a successful step(); stale ones
+            # would be multiplied into the next scaler.step's grad_scale.
+            for name in ("grad_scale", "found_inf"):
+                self.__dict__.pop(name, None)
+            raise
         finally:
             self._release_graphs()
-        return loss
+        return loss.detach() if isinstance(loss, torch.Tensor) else loss
+
+    def _run_closure(self, closure, hessian_step: bool):
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            if hessian_step and needs_graph(self.curvature):
+                with second_order_safe(), _backward_builds_graph():
+                    return closure()
+            return closure()
 
     def _entries(self):
         """(group, param) for every parameter that has a gradient this step, validated."""
@@ -379,9 +442,13 @@ class AdaHessian(torch.optim.Optimizer):
         self._apply(entries, grads, curvature)
         self.state[_GLOBAL_KEY]["step"] += 1
 
-    def _estimate_curvature(self, params, graph_grads, inv_scale, dist_ctx) -> List[torch.Tensor]:
+    def _estimate_curvature(self, params, graph_grads, inv_scale, dist_ctx) -> List[Optional[torch.Tensor]]:
+        """The unscaled, rank-averaged curvature per parameter; ``None`` where it is not finite."""
         gens = {p.device: self._generator(p.device) for p in params}
-        raw = self.curvature(params, graph_grads, gens)
+        try:
+            raw = self.curvature(params, graph_grads, gens)
+        except RuntimeError as err:
+            raise _explain_attention_errors(err) from err
         if len(raw) != len(params):
             raise ValueError(f"the curvature source returned {len(raw)} tensors for {len(params)} parameters")
         raw = [r.detach() for r in raw]
@@ -389,7 +456,10 @@ class AdaHessian(torch.optim.Optimizer):
             raw = dist_ctx.average_curvature(raw)
         if inv_scale is not None:
             raw = torch._foreach_mul(raw, inv_scale)
-        return raw
+        # one device-to-host transfer for all the flags instead of one sync per tensor
+        device = raw[0].device
+        finite = torch.stack([torch.isfinite(r).all().to(device) for r in raw]).tolist()
+        return [r if ok else None for r, ok in zip(raw, finite)]
 
     def _apply(self, entries, grads, curvature) -> None:
         """Update moments and parameters, group by group."""
@@ -413,14 +483,7 @@ class AdaHessian(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_hessian_diag_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if curvature is not None:
-                d = curvature[j]
-                if bool(torch.isfinite(d).all()):
-                    d = average_curvature(d.abs(), group["averaging"], group["block_length"])
-                    state["exp_hessian_diag_sq"].mul_(beta2).addcmul_(d, d, value=1 - beta2)
-                    state["hessian_step"] += 1
-                else:
-                    state["nonfinite_hessian_skips"] += 1
-                    _warn_nonfinite_once(p)
+                self._update_hessian_moment(p, state, curvature[j], group)
             if state["hessian_step"] == 0:
                 continue  # no curvature yet: never divide by eps alone; updated from the next Hessian step on
             state["step"] += 1
@@ -440,13 +503,27 @@ class AdaHessian(torch.optim.Optimizer):
                 [states[i]["exp_hessian_diag_sq"] for i in idx],
                 [states[i]["step"] for i in idx],
                 [beta2 ** states[i]["hessian_step"] for i in idx],
-                lr=group["lr"],
+                lr=float(group["lr"]),  # a tensor lr (schedulers, compile) as a plain number
                 beta1=beta1,
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
                 hessian_power=group["hessian_power"],
                 foreach=foreach,
             )
+
+    def _update_hessian_moment(self, p, state, d: Optional[torch.Tensor], group) -> None:
+        r"""``v <- b2 v + (1 - b2) average(|d|)^2`` and ``h <- h + 1``; a non-finite ``d`` (``None``) is
+        skipped, counted and warned about once, so one bad batch cannot poison ``v`` forever."""
+        if d is None:
+            state["nonfinite_hessian_skips"] += 1
+            if not self._warned_nonfinite:
+                self._warned_nonfinite = True
+                _warn_nonfinite(p)
+            return
+        beta2 = group["betas"][1]
+        d = average_curvature(d.abs(), group["averaging"], group["block_length"])
+        state["exp_hessian_diag_sq"].mul_(beta2).addcmul_(d, d, value=1 - beta2)
+        state["hessian_step"] += 1
 
     # -- bookkeeping -----------------------------------------------------------------------------
 
@@ -483,24 +560,18 @@ def _by_device_and_dtype(params: List[torch.Tensor]) -> Dict[Tuple[torch.device,
     return groups
 
 
-_warned_nonfinite = False
-
-
-def _warn_nonfinite_once(p: torch.Tensor) -> None:
-    global _warned_nonfinite
-    if not _warned_nonfinite:
-        _warned_nonfinite = True
-        warnings.warn(
-            f"AdaHessian: the Hessian-diagonal estimate of a parameter of shape {tuple(p.shape)} is "
-            "not finite; its Hessian update is skipped (counted in state['nonfinite_hessian_skips']). "
-            "This warning is shown once.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+def _warn_nonfinite(p: torch.Tensor) -> None:
+    warnings.warn(
+        f"AdaHessian: the Hessian-diagonal estimate of a parameter of shape {tuple(p.shape)} is "
+        "not finite; its Hessian update is skipped (counted in state['nonfinite_hessian_skips']). "
+        "This warning is shown once per optimizer.",
+        RuntimeWarning,
+        stacklevel=6,
+    )
 
 
 def _check_hyperparameters(lr, betas, eps, weight_decay, hessian_power, averaging, block_length) -> None:
-    if not (isinstance(lr, (int, float)) or torch.is_tensor(lr)) or lr < 0:
+    if not (isinstance(lr, (int, float)) or torch.is_tensor(lr)) or not lr >= 0:
         raise ValueError(f"lr must be a non-negative number, got {lr!r}")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")

@@ -15,7 +15,11 @@ each device to the optimizer's seeded :class:`torch.Generator` for that device.
   :func:`hessopt.hvp_from_grads`.
 * :class:`GradientCurvature`: the gradient itself. With it AdaHessian's second moment becomes
   :math:`E[g^2]` and the optimizer is exactly AdamW (a reference test); it needs no graph.
-* Any callable, e.g. the exact Hessian diagonal of a small model in a test.
+* :class:`ExactDiagonal`: :math:`\operatorname{diag} H` exactly, one HVP per parameter entry
+  (:math:`H_{ii} = e_i^\top H e_i`); for tiny models and tests.
+* Any callable with that signature.
+
+:func:`make_curvature` turns the optimizer's ``curvature=`` argument into a source.
 """
 from __future__ import annotations
 
@@ -26,7 +30,9 @@ import torch
 from ..hvp import hvp_from_grads
 from ..probes import PROBE_DISTRIBUTIONS, probe
 
-__all__ = ["Hutchinson", "GradientCurvature", "needs_graph"]
+__all__ = ["Hutchinson", "GradientCurvature", "ExactDiagonal", "make_curvature", "needs_graph"]
+
+CURVATURE_NAMES = ("hutchinson", "exact", "gradient")
 
 
 def needs_graph(source) -> bool:
@@ -84,3 +90,53 @@ class GradientCurvature:
 
     def __call__(self, params, grads, generators) -> List[torch.Tensor]:
         return [g.detach() for g in grads]
+
+
+class ExactDiagonal:
+    r"""The exact Hessian diagonal, :math:`H_{ii} = (H e_i)_i`, one HVP per entry (tiny models, tests).
+
+    Costs ``sum(p.numel())`` HVPs per Hessian step, so it refuses more than ``max_entries`` entries.
+    """
+
+    needs_graph = True
+
+    def __init__(self, max_entries: int = 10_000):
+        self.max_entries = max_entries
+
+    def __repr__(self) -> str:
+        return f"ExactDiagonal(max_entries={self.max_entries})"
+
+    def __call__(self, params, grads, generators) -> List[torch.Tensor]:
+        total = sum(p.numel() for p in params)
+        if total > self.max_entries:
+            raise ValueError(
+                f"curvature='exact' needs one HVP per entry ({total} > max_entries={self.max_entries}); "
+                "use the Hutchinson estimate (curvature=None) for models of this size"
+            )
+        diags = [torch.empty_like(p) for p in params]
+        for j, p in enumerate(params):
+            for i in range(p.numel()):
+                vectors = [torch.zeros_like(q) for q in params]
+                vectors[j].view(-1)[i] = 1
+                hv = hvp_from_grads(grads, params, vectors, retain_graph=True)
+                diags[j].view(-1)[i] = hv[j].reshape(-1)[i]
+        return diags
+
+
+def make_curvature(curvature, n_samples: int = 1, distribution: str = "rademacher"):
+    """The curvature source for the optimizer's ``curvature=`` argument: ``None`` or a name in
+    :data:`CURVATURE_NAMES`, or a callable ``(params, grads, generators) -> list of tensors``."""
+    if curvature is None or curvature == "hutchinson":
+        return Hutchinson(n_samples, distribution)
+    if isinstance(curvature, str):
+        if curvature == "exact":
+            return ExactDiagonal()
+        if curvature == "gradient":
+            return GradientCurvature()
+        raise ValueError(f"curvature must be None, one of {CURVATURE_NAMES} or a callable, got {curvature!r}")
+    if not callable(curvature):
+        raise TypeError(
+            f"curvature must be None, one of {CURVATURE_NAMES} or a callable "
+            f"(params, grads, generators) -> list of tensors, not {type(curvature).__name__}"
+        )
+    return curvature
