@@ -123,6 +123,31 @@ def test_state_dict_global_entry_is_a_snapshot_and_not_shared():
     assert saved["state"]["adahessian"]["step"] == 2
 
 
+def test_deepcopy_and_pickle_continue_the_same_run():
+    """torch's Optimizer.__getstate__ keeps only defaults/state/param_groups: a copy of AdaHessian
+    must also keep its options and probe streams, and then run on independently."""
+    import copy
+
+    model = _model()
+    opt = hessopt.AdaHessian(model.parameters(), update_each=2, n_samples=2, seed=3)
+    _run(opt, model, 3)
+    copied_model, copied = copy.deepcopy((model, opt))
+    pickled_model, pickled = _roundtrip_any((model, opt))
+    for m, o in ((model, opt), (copied_model, copied), (pickled_model, pickled)):
+        _run(o, m, 3)
+    for p, q, r in zip(model.parameters(), copied_model.parameters(), pickled_model.parameters()):
+        assert torch.equal(p, q) and torch.equal(p, r)
+    assert copied.update_each == 2 and copied.seed == 3 and copied.state["adahessian"]["step"] == 6
+    assert copied.state["adahessian"] is not opt.state["adahessian"]
+
+
+def _roundtrip_any(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
 def test_load_state_dict_of_another_optimizer_raises():
     model = _model()
     adam = torch.optim.Adam(model.parameters())
@@ -422,3 +447,15 @@ def test_missing_graph_error_type():
     F.mse_loss(model(x), y).backward()
     with pytest.raises(SecondOrderGraphError, match=r"loss.backward\(create_graph=True\).*opt.step\(closure\)"):
         opt.step()
+
+
+def test_curvature_source_constructor_errors():
+    from hessopt.optim.curvature import Hutchinson, make_curvature
+
+    with pytest.raises(ValueError, match="n_samples must be a positive int"):
+        Hutchinson(0)
+    with pytest.raises(ValueError, match=r"distribution must be one of \('rademacher', 'gaussian'\)"):
+        Hutchinson(1, "sphere")
+    assert isinstance(make_curvature(None, 3), Hutchinson) and make_curvature("hutchinson", 3).n_samples == 3
+    assert isinstance(make_curvature("exact"), ExactDiagonal)
+    assert make_curvature("gradient").needs_graph is False

@@ -19,6 +19,8 @@ from .curvature import make_curvature, needs_graph
 __all__ = ["AdaHessian", "SecondOrderGraphError", "adahessian_update"]
 
 _GLOBAL_KEY = "adahessian"  # the optimizer-wide entry in self.state (step counter, probe generators)
+_OPTIONS = ("update_each", "seed", "foreach", "curvature", "_warned_nonfinite")  # kept by copies and pickles
+_PICKLED_GENERATORS = "_adahessian_generator_states"
 
 
 class SecondOrderGraphError(RuntimeError, ValueError):
@@ -358,6 +360,26 @@ class AdaHessian(torch.optim.Optimizer):
         }
         self._generators = {}  # rebuilt from the loaded states on first use
 
+    def __getstate__(self) -> Dict[str, Any]:
+        """For ``copy.deepcopy`` and pickling: torch's ``Optimizer.__getstate__`` keeps only
+        ``defaults``, ``state`` and ``param_groups``; a copy also needs the options and the probe
+        generators (as states: a copy continues the same probe stream, independently)."""
+        state = super().__getstate__()
+        state.update({name: self.__dict__[name] for name in _OPTIONS})
+        state[_PICKLED_GENERATORS] = {str(d): g.get_state() for d, g in self._generators.items()}
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        pickled = _PICKLED_GENERATORS in state
+        live = state.pop(_PICKLED_GENERATORS, None)
+        super().__setstate__(state)
+        if pickled:  # a copy; torch's load_state_dict calls __setstate__ too, with only state and groups
+            glob = self.state[_GLOBAL_KEY]
+            glob["generator_states"] = {**glob["generator_states"], **live}
+            self._generators = {}
+            self._distributed = None
+            self._distributed_context()
+
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Add a parameter group; its hyper-parameters are validated like the constructor's."""
         group = {**self.defaults, **param_group}  # checked before torch stores it
@@ -391,6 +413,7 @@ class AdaHessian(torch.optim.Optimizer):
         return loss.detach() if isinstance(loss, torch.Tensor) else loss
 
     def _run_closure(self, closure, hessian_step: bool):
+        """Run the closure; on Hessian steps its backward() builds the graph, attention made safe."""
         if closure is None:
             return None
         with torch.enable_grad():
@@ -416,20 +439,15 @@ class AdaHessian(torch.optim.Optimizer):
 
     def _step(self, hessian_step: bool) -> None:
         entries = self._entries()
-        if not entries:
-            return
-        grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and float(found_inf) > 0:
-            return  # fp16 overflow: GradScaler lowers the scale; nothing here changes
+        if not entries or (found_inf is not None and float(found_inf) > 0):
+            return  # nothing to do, or an fp16 overflow: GradScaler lowers the scale, nothing here changes
         params = [p for _, p in entries]
         dist_ctx = self._distributed_context()
         graph_grads = dist_ctx.graph_grads(params) if dist_ctx else [p.grad for p in params]
         if hessian_step:
-            if needs_graph(self.curvature) and not any(g is not None and g.requires_grad for g in graph_grads):
-                raise SecondOrderGraphError(_MISSING_GRAPH)
-            if found_inf is not None and grad_scale is None:
-                raise ValueError(_UNSCALED_AMP)
+            self._check_hessian_inputs(graph_grads)
+        grad_scale = getattr(self, "grad_scale", None)
         inv_scale = None if grad_scale is None else 1.0 / float(grad_scale)
         grads = [p.grad.detach() for p in params]
         if inv_scale is not None:
@@ -441,6 +459,14 @@ class AdaHessian(torch.optim.Optimizer):
             curvature = self._estimate_curvature(params, graph_grads, inv_scale, dist_ctx)
         self._apply(entries, grads, curvature)
         self.state[_GLOBAL_KEY]["step"] += 1
+
+    def _check_hessian_inputs(self, graph_grads) -> None:
+        """Raise before anything changes if this Hessian step cannot be computed correctly."""
+        if needs_graph(self.curvature) and not any(g is not None and g.requires_grad for g in graph_grads):
+            raise SecondOrderGraphError(_MISSING_GRAPH)
+        if getattr(self, "found_inf", None) is not None and getattr(self, "grad_scale", None) is None:
+            # GradScaler sets found_inf but no grad_scale after unscale_(): the scale is lost for z*Hz
+            raise ValueError(_UNSCALED_AMP)
 
     def _estimate_curvature(self, params, graph_grads, inv_scale, dist_ctx) -> List[Optional[torch.Tensor]]:
         """The unscaled, rank-averaged curvature per parameter; ``None`` where it is not finite."""
@@ -472,16 +498,10 @@ class AdaHessian(torch.optim.Optimizer):
                               None if curvature is None else [curvature[i] for i in indices])
 
     def _apply_group(self, group, params, grads, curvature) -> None:
-        beta1, beta2 = group["betas"]
+        """Hessian moments, then the update of every parameter of ``group`` that has curvature."""
         chosen = []
         for j, p in enumerate(params):
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["hessian_step"] = 0
-                state["nonfinite_hessian_skips"] = 0
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_hessian_diag_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state = self.state[p] or self._init_state(p)
             if curvature is not None:
                 self._update_hessian_moment(p, state, curvature[j], group)
             if state["hessian_step"] == 0:
@@ -502,14 +522,25 @@ class AdaHessian(torch.optim.Optimizer):
                 [states[i]["exp_avg"] for i in idx],
                 [states[i]["exp_hessian_diag_sq"] for i in idx],
                 [states[i]["step"] for i in idx],
-                [beta2 ** states[i]["hessian_step"] for i in idx],
+                [group["betas"][1] ** states[i]["hessian_step"] for i in idx],
                 lr=float(group["lr"]),  # a tensor lr (schedulers, compile) as a plain number
-                beta1=beta1,
+                beta1=group["betas"][0],
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
                 hessian_power=group["hessian_power"],
                 foreach=foreach,
             )
+
+    def _init_state(self, p) -> Dict[str, Any]:
+        state = self.state[p]
+        state.update(
+            step=0,  # updates applied to p (bias correction of m)
+            hessian_step=0,  # Hessian estimates folded into v (bias correction of v)
+            nonfinite_hessian_skips=0,
+            exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+            exp_hessian_diag_sq=torch.zeros_like(p, memory_format=torch.preserve_format),
+        )
+        return state
 
     def _update_hessian_moment(self, p, state, d: Optional[torch.Tensor], group) -> None:
         r"""``v <- b2 v + (1 - b2) average(|d|)^2`` and ``h <- h + 1``; a non-finite ``d`` (``None``) is
