@@ -116,6 +116,29 @@ def test_closure_backward_builds_graph_only_on_hessian_steps():
     assert F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
 
 
+@pytest.mark.parametrize("call", [
+    lambda loss, ps: loss.backward(retain_graph=True),
+    lambda loss, ps: torch.autograd.backward([loss]),
+    lambda loss, ps: torch.autograd.backward(loss, None, None, False),  # create_graph=False, positionally
+    lambda loss, ps: loss.backward(inputs=ps),
+], ids=["retain_graph", "autograd.backward", "positional_false", "inputs"])
+def test_closure_backward_variants_all_build_the_graph(call):
+    x, y = _data()
+    model = _mlp()
+    opt = hessopt.AdaHessian(model.parameters())
+    graph = []
+
+    def closure():
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        call(loss, list(model.parameters()))
+        graph.append(all(p.grad.requires_grad for p in model.parameters()))
+        return loss
+
+    opt.step(closure)
+    assert graph == [True] and opt.state[model[0].weight]["hessian_step"] == 1
+
+
 def test_parameter_without_hessian_is_not_stepped_until_its_first_estimate():
     """A tensor first used on a non-Hessian step waits (never divides by eps alone); the next step
     then brings a Hessian estimate even off the update_each schedule."""
@@ -163,6 +186,9 @@ def test_hessian_step_without_graph_raises_and_changes_nothing():
 
 
 # -- AMP --------------------------------------------------------------------------------------------
+# torch 2.14's torch.amp.GradScaler("cpu") works, so these tests use the real scaler (no emulation):
+# it hands AdaHessian (_step_supports_amp_scaling = True) grad_scale and found_inf, and AdaHessian
+# unscales gradient and z*Hz alike.
 
 def _scaler_run(init_scale, steps=4, update_each=1):
     x, y = _data()

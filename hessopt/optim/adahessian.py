@@ -59,6 +59,11 @@ def _explain_attention_errors(err: RuntimeError) -> RuntimeError:
     return err
 
 
+# Bound against torch's own signature: a wrapper installed by other code may take (*args, **kwargs),
+# where setting "create_graph" on the bound arguments would be silently dropped.
+_BACKWARD_SIGNATURE = inspect.signature(torch.autograd.backward)
+
+
 @contextlib.contextmanager
 def _backward_builds_graph():
     """Inside the block, every ``backward()`` call builds the graph of the gradient (create_graph=True).
@@ -70,10 +75,9 @@ def _backward_builds_graph():
     after the step, which breaks that cycle.
     """
     original = torch.autograd.backward
-    signature = inspect.signature(original)
 
     def backward(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
+        bound = _BACKWARD_SIGNATURE.bind(*args, **kwargs)
         bound.arguments["create_graph"] = True
         return original(*bound.args, **bound.kwargs)
 
