@@ -3,7 +3,6 @@ attention models, torch.compile, and the errors that say what to do (FIELD_NOTES
 """
 from __future__ import annotations
 
-import copy
 import io
 import time
 
