@@ -14,6 +14,7 @@ from .estimators import diagonal, trace
 from .results import EigenResult, LanczosResult, SpectralDensity, TraceResult
 from .spectrum import lanczos, spectral_density, top_eigenvalues
 from .optim import AdaHessian, GradientCurvature, Hutchinson, SecondOrderGraphError
+from .monitor import CurvatureMonitor
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,7 @@ __all__ = [
     "Hutchinson",
     "GradientCurvature",
     "SecondOrderGraphError",
+    "CurvatureMonitor",
     # results
     "EigenResult",
     "TraceResult",

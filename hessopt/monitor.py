@@ -1,0 +1,405 @@
+r"""Curvature diagnostics during training, every N steps, without disturbing the training run.
+
+:class:`CurvatureMonitor` evaluates, on a fixed held-out batch (or a few), the Hessian of the loss at
+the current parameters through :class:`hessopt.HessianOperator`, and records
+
+* the top-``k`` eigenvalues (Lanczos with full reorthogonalization, :func:`hessopt.top_eigenvalues`)
+  with their a-posteriori error bounds;
+* the trace with its standard error (Hutch++, :func:`hessopt.trace`);
+* optionally the spectral density (stochastic Lanczos quadrature, :func:`hessopt.spectral_density`;
+  the nodes and weights are stored, smoothing happens when plotting);
+* optionally the fraction of the gradient in the top-``k`` eigenspace (Ghorbani, Krishnan & Xiao,
+  ICML 2019):
+
+  .. math::  c_k = \frac{\|V_k^\top g\|^2}{\|g\|^2},
+
+  with :math:`V_k` the (orthonormal) top-``k`` Ritz vectors and :math:`g` the gradient of the same
+  loss on the same batch. Ghorbani et al. report that without BatchNorm :math:`c_k` is close to 1
+  early in training (the gradient lives in the outlier eigenspace) and with BatchNorm it is not.
+
+Records (``step``, ``top_eigenvalues``, ``trace``, ``trace_std_error``, ``eigenvalue_error_bounds``,
+``eigenvalues_converged``, ``loss``, optionally ``density``, ``gradient_concentration``,
+``gradient_norm``, then ``time_s`` and ``num_matvecs``, plus any extra fields passed to
+:meth:`CurvatureMonitor.step`) are appended to a JSONL file (one JSON object per line) and, when
+TensorBoard is installed, written as scalars.
+
+**Training is not perturbed**: the operator puts the model in eval mode (or BatchNorm-train mode
+with detached running statistics) and restores every module's mode; BatchNorm running statistics
+are never written; all random numbers come from generators seeded by ``(seed, step)`` and the global
+CPU and CUDA RNG states are restored; ``p.grad`` is never written (``torch.autograd.grad`` only). A
+training run with the monitor is bit-identical to one without (tested).
+
+Cost per evaluation, in Hessian-vector products (each about 4-5 gradient computations for a
+ResNet, FIELD_NOTES.md): ``max_matvecs`` (Lanczos, default ``max(30, 8k)``) + ``trace_matvecs``
+(default 30) + ``density_steps`` if enabled; plus one gradient and one loss evaluation.
+
+Plot helpers (matplotlib, ``pip install hessopt[plot]``): :func:`plot_training`,
+:func:`plot_curvature`, :func:`plot_densities`, :func:`plot_run`.
+
+Example:
+    >>> monitor = hessopt.CurvatureMonitor(model, nn.CrossEntropyLoss(), (x_val, y_val), every=100,
+    ...                                    k=5, log_path="run/curvature.jsonl")
+    >>> for step, (x, y) in enumerate(loader, 1):
+    ...     ...  # one training step
+    ...     monitor.step(step)
+    >>> monitor.close()
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .estimators import trace as trace_estimate
+from .operators import HessianOperator
+from .spectrum import spectral_density, top_eigenvalues
+
+__all__ = [
+    "CurvatureMonitor",
+    "read_jsonl",
+    "plot_training",
+    "plot_curvature",
+    "plot_densities",
+    "plot_run",
+]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel wrappers."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, (DistributedDataParallel, DataParallel)):
+        model = model.module
+    return model
+
+
+@contextlib.contextmanager
+def _training_state_guard(model: nn.Module, params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Restore the global RNG streams (CPU and the model's CUDA devices), module modes and ``p.grad``.
+
+    The operator already restores modes and RNG; this outer guard also covers the monitor's own
+    work between products, so the promise does not rest on every estimator being careful.
+    """
+    cuda_devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.grad) for p in params]
+    with torch.random.fork_rng(devices=cuda_devices):
+        try:
+            yield
+        finally:
+            for m, flag in modes:
+                m.training = flag
+            for p, g in grads:
+                p.grad = g
+
+
+class CurvatureMonitor:
+    """Hessian diagnostics every ``every`` steps on fixed held-out data (see the module docstring).
+
+    Args:
+        model: the network being trained (a DistributedDataParallel wrapper is unwrapped).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar`` mean loss.
+        data: one ``(inputs, targets)`` batch or a list of batches, without augmentation, kept fixed.
+        every: evaluate when ``step % every == 0`` (``0`` disables :meth:`step`; :meth:`compute`
+            always runs).
+        k: number of top eigenvalues.
+        tol: relative accuracy for the eigenvalues (Lanczos stops when every error bound is below
+            ``tol * |eigenvalue|`` or after ``max_matvecs``; ``eigenvalues_converged`` says which).
+        max_matvecs: Lanczos budget per evaluation (default ``max(30, 8 k)``).
+        trace_matvecs: Hutch++ budget (at least 4; its standard error comes from a third of them).
+        density: also record the spectral density (SLQ nodes and weights).
+        density_steps: Lanczos steps of the density (one run per evaluation).
+        gradient_concentration: also record ``||V_k^T g||^2 / ||g||^2`` and ``||g||``.
+        bn_mode: ``"eval"`` (running statistics) or ``"train"`` (batch statistics; the running
+            statistics are still left untouched), as in :class:`hessopt.HessianOperator`.
+        params: which parameters (as in :class:`hessopt.HessianOperator`; default all trainable).
+        seed: base seed; evaluation at step ``s`` uses generators seeded from ``(seed, s)``, so a
+            record does not depend on which other steps were evaluated, nor on the global RNG.
+        log_path: JSONL file to append records to (``None``: keep them in :attr:`records` only).
+        tensorboard: ``None`` (default): write scalars when the ``tensorboard`` package is installed
+            and a directory is known (``tensorboard_dir``, or ``<folder of log_path>/tensorboard``);
+            ``True``: required (ImportError naming the ``[tensorboard]`` extra otherwise); ``False``: off.
+        tensorboard_dir: directory for the TensorBoard event files.
+
+    Attributes:
+        records: the records computed so far (dicts, as written to the JSONL file).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        data: Any,
+        every: int = 100,
+        k: int = 5,
+        tol: float = 1e-3,
+        max_matvecs: Optional[int] = None,
+        trace_matvecs: int = 30,
+        density: bool = False,
+        density_steps: int = 60,
+        gradient_concentration: bool = True,
+        bn_mode: str = "eval",
+        params: Any = None,
+        seed: int = 0,
+        log_path: Union[str, os.PathLike, None] = None,
+        tensorboard: Optional[bool] = None,
+        tensorboard_dir: Union[str, os.PathLike, None] = None,
+    ):
+        for name, value, minimum in (("every", every, 0), ("k", k, 1), ("trace_matvecs", trace_matvecs, 4),
+                                     ("density_steps", density_steps, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        if max_matvecs is not None and (not isinstance(max_matvecs, int) or max_matvecs < k):
+            raise ValueError(f"max_matvecs must be an int >= k={k}, got {max_matvecs!r}")
+        if bn_mode not in ("eval", "train"):
+            raise ValueError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}")
+        if tensorboard not in (None, True, False):
+            raise TypeError(f"tensorboard must be None, True or False, got {tensorboard!r}")
+        self.model = _unwrap(model)
+        self.loss_fn = loss_fn
+        self.data = data
+        self.every = every
+        self.k = k
+        self.tol = tol
+        self.max_matvecs = max_matvecs if max_matvecs is not None else max(30, 8 * k)
+        self.trace_matvecs = trace_matvecs
+        self.density = density
+        self.density_steps = density_steps
+        self.gradient_concentration = gradient_concentration
+        self.bn_mode = bn_mode
+        self.params = params
+        self.seed = int(seed)
+        self.log_path = Path(log_path) if log_path is not None else None
+        self.records: List[Dict[str, Any]] = []
+        self._writer = self._make_writer(tensorboard, tensorboard_dir)
+        # validates model, loss_fn, data and params now rather than at the first evaluation
+        HessianOperator(self.model, loss_fn, data, params=params, bn_mode=bn_mode, cache_graph=False)
+
+    # -- public ------------------------------------------------------------------------------------
+
+    def due(self, step: int) -> bool:
+        """Whether :meth:`step` evaluates at ``step``."""
+        return self.every > 0 and step % self.every == 0
+
+    def step(self, step: int, **extra: Any) -> Optional[Dict[str, Any]]:
+        """Evaluate if :meth:`due` (call once per training step, after ``opt.step()``); returns the record or None."""
+        return self.compute(step, **extra) if self.due(step) else None
+
+    def compute(self, step: int, **extra: Any) -> Dict[str, Any]:
+        """Evaluate now and return the record (also appended to :attr:`records`, the log and TensorBoard).
+
+        ``extra`` fields (e.g. ``epoch=3``) are added to the record.
+        """
+        start = time.perf_counter()
+        op = HessianOperator(self.model, self.loss_fn, self.data, params=self.params, bn_mode=self.bn_mode)
+        with _training_state_guard(self.model, op.params):
+            record = self._evaluate(op, int(step))
+        del op  # drops the cached gradient graph
+        record.update(extra)
+        record["time_s"] = time.perf_counter() - start
+        self.records.append(record)
+        self._write(record)
+        return record
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer (the JSONL file is flushed after every record)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> "CurvatureMonitor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- evaluation --------------------------------------------------------------------------------
+
+    def _generator(self, step: int, stream: int) -> torch.Generator:
+        device = None
+        for p in self.model.parameters():
+            device = p.device
+            break
+        gen = torch.Generator(device=device if device is not None else "cpu")
+        # fixed, distinct streams per (seed, step, estimator); 2**61 - 1 is prime
+        return gen.manual_seed((self.seed * 1_000_003 + step * 7 + stream) % (2**61 - 1))
+
+    def _evaluate(self, op: HessianOperator, step: int) -> Dict[str, Any]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # non-convergence is recorded instead
+            eig = top_eigenvalues(op, k=min(self.k, op.num_params), tol=self.tol,
+                                  max_matvecs=min(self.max_matvecs, op.num_params),
+                                  generator=self._generator(step, 0))
+        tr = trace_estimate(op, num_matvecs=self.trace_matvecs, method="hutch++", generator=self._generator(step, 1))
+        record: Dict[str, Any] = {
+            "step": step,
+            "top_eigenvalues": [float(v) for v in eig.eigenvalues],
+            "eigenvalue_error_bounds": [float(v) for v in eig.error_bounds],
+            "eigenvalues_converged": bool(eig.converged),
+            "trace": float(tr.estimate),
+            "trace_std_error": float(tr.std_error),
+            "loss": op.loss(),
+        }
+        matvecs = eig.num_matvecs + tr.num_matvecs
+        if self.density:
+            d = spectral_density(op, num_runs=1, num_steps=self.density_steps, generator=self._generator(step, 2))
+            record["density"] = {
+                "nodes": [t.tolist() for t in d.nodes],
+                "weights": [w.tolist() for w in d.weights],
+                "sigma": d.sigma,
+                "num_params": op.num_params,
+            }
+            matvecs += d.num_matvecs
+        if self.gradient_concentration:
+            g = op.gradient().double()
+            V = eig.eigenvectors.double()
+            g_norm_sq = float(g @ g)
+            record["gradient_norm"] = math.sqrt(g_norm_sq)
+            record["gradient_concentration"] = float((V.T @ g).pow(2).sum()) / g_norm_sq if g_norm_sq > 0 else float("nan")
+        record["num_matvecs"] = matvecs
+        return record
+
+    # -- output ------------------------------------------------------------------------------------
+
+    def _make_writer(self, tensorboard: Optional[bool], tensorboard_dir):
+        if tensorboard is False:
+            return None
+        folder = tensorboard_dir
+        if folder is None and self.log_path is not None:
+            folder = self.log_path.parent / "tensorboard"
+        if folder is None:
+            if tensorboard:
+                raise ValueError("tensorboard=True needs tensorboard_dir= or log_path=")
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            if tensorboard:
+                raise ImportError("TensorBoard logging needs the tensorboard package: pip install hessopt[tensorboard]") from err
+            return None
+        return SummaryWriter(log_dir=str(folder))
+
+    def _write(self, record: Dict[str, Any]) -> None:
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            step = record["step"]
+            for i, v in enumerate(record["top_eigenvalues"]):
+                self._writer.add_scalar(f"curvature/eigenvalue_{i + 1}", v, step)
+            self._writer.add_scalar("curvature/trace", record["trace"], step)
+            if "gradient_concentration" in record:
+                self._writer.add_scalar("curvature/gradient_concentration", record["gradient_concentration"], step)
+            self._writer.flush()
+
+
+# --------------------------------------------------------------------------------------------------
+# reading and plotting
+
+
+def read_jsonl(path: Union[str, os.PathLike]) -> List[Dict[str, Any]]:
+    """The JSON objects of a JSONL file, one per non-empty line."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _figure(ncols: int, width: float = 5.0, height: float = 3.6):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError("plots need matplotlib: pip install hessopt[plot]") from err
+    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    return fig, axes
+
+
+def plot_training(records: Sequence[Dict[str, Any]], path: Union[str, os.PathLike]) -> Path:
+    """Loss (train and validation) and validation accuracy per epoch, from epoch records."""
+    epochs = [r for r in records if "epoch" in r]
+    fig, (ax_loss, ax_acc) = _figure(2)
+    x = [r["epoch"] for r in epochs]
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        if any(key in r for r in epochs):
+            ax_loss.plot(x, [r.get(key, float("nan")) for r in epochs], marker="o", ms=3, label=label)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_loss.legend()
+    for key, label in (("train_acc", "train"), ("val_acc", "validation")):
+        if any(key in r for r in epochs):
+            ax_acc.plot(x, [100 * r.get(key, float("nan")) for r in epochs], marker="o", ms=3, label=label)
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    ax_acc.legend()
+    fig.savefig(path, dpi=120)
+    return Path(path)
+
+
+def plot_curvature(records: Sequence[Dict[str, Any]], path: Union[str, os.PathLike]) -> Path:
+    """Top eigenvalues and trace (with standard-error bars) against the training step."""
+    fig, (ax_eig, ax_tr) = _figure(2)
+    steps = [r["step"] for r in records]
+    k = max((len(r["top_eigenvalues"]) for r in records), default=0)
+    for i in range(k):
+        ax_eig.plot(steps, [r["top_eigenvalues"][i] if i < len(r["top_eigenvalues"]) else float("nan") for r in records],
+                    marker="o", ms=3, label=f"$\\lambda_{{{i + 1}}}$")
+    ax_eig.set(xlabel="step", ylabel="eigenvalue", title="top Hessian eigenvalues")
+    if k:
+        ax_eig.legend(fontsize="small")
+    ax_tr.errorbar(steps, [r["trace"] for r in records], yerr=[r["trace_std_error"] for r in records],
+                   marker="o", ms=3, capsize=2)
+    ax_tr.set(xlabel="step", ylabel="trace", title="Hessian trace (Hutch++ +- s.e.)")
+    fig.savefig(path, dpi=120)
+    return Path(path)
+
+
+def _smoothed_density(density: Dict[str, Any], grid_size: int = 600):
+    nodes = torch.tensor([t for run in density["nodes"] for t in run], dtype=torch.float64)
+    weights = torch.tensor([w for run in density["weights"] for w in run], dtype=torch.float64) / len(density["nodes"])
+    sigma = float(density["sigma"])
+    grid = torch.linspace(float(nodes.min()) - 6 * sigma, float(nodes.max()) + 6 * sigma, grid_size, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * ((grid[:, None] - nodes[None, :]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+    return grid, kernel @ weights
+
+
+def plot_densities(records: Sequence[Dict[str, Any]], path: Union[str, os.PathLike], max_curves: int = 6) -> Optional[Path]:
+    """Smoothed spectral densities on a log scale, for up to ``max_curves`` evenly spaced records."""
+    with_density = [r for r in records if r.get("density")]
+    if not with_density:
+        return None
+    pick = sorted({round(i * (len(with_density) - 1) / max(max_curves - 1, 1)) for i in range(max_curves)})
+    fig, (ax,) = _figure(1, width=6.0)
+    for i in pick:
+        r = with_density[i]
+        grid, dens = _smoothed_density(r["density"])
+        ax.semilogy(grid.numpy(), dens.clamp_min(1e-12).numpy(), label=f"step {r['step']}")
+    ax.set(xlabel="eigenvalue", ylabel="density (log scale)", title="Hessian spectral density (SLQ)")
+    ax.set_ylim(bottom=1e-8)
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+    return Path(path)
+
+
+def plot_run(output_dir: Union[str, os.PathLike], metrics_file: str = "metrics.jsonl",
+             curvature_file: str = "curvature.jsonl") -> List[Path]:
+    """Write ``training.png``, ``curvature.png`` and ``density.png`` (where there is data) into ``output_dir``."""
+    out = Path(output_dir)
+    written: List[Path] = []
+    if (out / metrics_file).exists():
+        metrics = [r for r in read_jsonl(out / metrics_file) if "epoch" in r]
+        if metrics:
+            written.append(plot_training(metrics, out / "training.png"))
+    if (out / curvature_file).exists():
+        curvature = read_jsonl(out / curvature_file)
+        if curvature:
+            written.append(plot_curvature(curvature, out / "curvature.png"))
+            density = plot_densities(curvature, out / "density.png")
+            if density is not None:
+                written.append(density)
+    return written
