@@ -1,0 +1,10 @@
+"""Integrations of hessopt with training frameworks.
+
+* :mod:`hessopt.integrations.timm` — ``register()`` puts :class:`hessopt.AdaHessian` into timm's
+  optimizer factory as ``"hessopt_adahessian"`` (``second_order=True``).
+* :mod:`hessopt.integrations.fairseq` — a ``--user-dir`` plugin for fairseq.
+
+Each integration lives in its own module or subpackage and imports its framework lazily, with an
+error that names the pip extra to install (e.g. ``pip install 'hessopt[fairseq]'``). Importing this
+package imports no framework.
+"""
