@@ -43,11 +43,13 @@ class EigenResult(_ToDict):
         eigenvalues: ``(k,)`` float64, algebraic values in descending order (for ``which="smallest"``
             ascending, for ``which="magnitude"`` by descending absolute value).
         eigenvectors: ``(n, k)`` in the operator's dtype, unit-norm columns matching ``eigenvalues``.
-        residuals: ``(k,)`` float64, ``||A v_i - lambda_i v_i||`` for each pair.
+        residuals: ``(k,)`` float64, the true ``||A v_i - lambda_i v_i||`` for each pair.
         error_bounds: ``(k,)`` float64, an a-posteriori bound on ``|lambda_i - true eigenvalue|``
-            derived from the residual (see :func:`hessopt.top_eigenvalues`).
+            derived from the residuals (see :func:`hessopt.top_eigenvalues`).
         num_matvecs: operator applications spent.
-        converged: whether every ``error_bounds[i] <= tol * |eigenvalues[i]|``.
+        converged: whether the stopping test held for every pair: Lanczos
+            ``error_bounds[i] <= tol * |eigenvalues[i]|``; power iteration, the residual of the
+            deflated operator ``<= tol * |eigenvalues[i]|``.
         method: ``"lanczos"`` or ``"power"``.
     """
 

@@ -86,6 +86,20 @@ def float64():
 
 
 @pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread (restored afterwards).
+
+    Tiny models make thousands of small BLAS/LAPACK calls; with 2 OpenMP threads on a busy 2-core
+    machine each can take milliseconds of spin-waiting instead of microseconds. Opt in per module
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def dense_hessian():
     """The :func:`_dense_hessian` oracle (``torch.func.hessian`` over ``functional_call``)."""
     return _dense_hessian

@@ -5,11 +5,18 @@ and :math:`\theta = v^\top A v`, the residual :math:`r = \|Av - \theta v\|` boun
 error two ways: some eigenvalue lies within :math:`r` of :math:`\theta`, and if the nearest other
 eigenvalue is at distance :math:`\delta` (the gap), :math:`|\lambda - \theta| \le r^2 / \delta`
 (Kato-Temple; Parlett, *The Symmetric Eigenvalue Problem*, ch. 11). Lanczos reports the error
-bound :math:`\min(r, r^2/\delta)` with :math:`\delta` estimated from the other Ritz values, and stops
+bound :math:`\min(r, \rho^2/\delta)` with :math:`\delta` estimated from the other Ritz values (for
+a cluster of Ritz values, e.g. copies of a multiple eigenvalue, :math:`\rho` is the cluster's
+root-sum-square residual and :math:`\delta` the gap to the nearest value outside it), and stops
 when every wanted pair has a bound below ``tol`` times its eigenvalue; power iteration, which has
 no gap estimate, uses :math:`r` itself. A stopping rule on the change between iterations (as in
 PyHessian) can stop early on a slowly converging iteration; a residual cannot be small unless
 :math:`v` is close to an eigenvector.
+
+**Multiple eigenvalues.** A single Krylov chain holds one direction of each eigenspace, so plain
+Lanczos returns one copy of a repeated eigenvalue and, worse, reports the next eigenvalue down as
+converged in its place. Here, after convergence a check chain from a fresh random vector looks for
+further copies (see :func:`_lanczos_eigs`); power iteration finds them by deflation.
 """
 from __future__ import annotations
 
@@ -40,14 +47,20 @@ def _order(values: torch.Tensor, which: str) -> torch.Tensor:
 
 
 def _error_bounds(theta: torch.Tensor, residuals: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """``min(r, r^2 / gap)`` for the chosen Ritz values, the gap measured to the other Ritz values."""
-    bounds = residuals.clone()
+    """``min(r, rho^2 / gap)`` for the chosen Ritz values (``residuals``: one per Ritz value).
+
+    Ritz values whose residual intervals overlap form a cluster (e.g. the copies of a multiple
+    eigenvalue); ``rho`` is the root-sum-square residual of the cluster and ``gap`` the distance to
+    the nearest Ritz value outside it: the quadratic (Kato-Temple) bound for a cluster, which stays
+    sharp when the copies themselves are equal.
+    """
+    bounds = residuals[chosen].clone()
     for i, idx in enumerate(chosen.tolist()):
-        others = torch.cat([theta[:idx], theta[idx + 1 :]])
+        inside = (theta - theta[idx]).abs() <= residuals + residuals[idx]
+        others = (theta - theta[idx]).abs()[~inside]
         if others.numel():
-            gap = float((others - theta[idx]).abs().min())
-            if gap > 0:
-                bounds[i] = min(float(residuals[i]), float(residuals[i]) ** 2 / gap)
+            rho2 = float((residuals[inside] ** 2).sum())
+            bounds[i] = min(float(residuals[idx]), rho2 / float(others.min()))
     return bounds
 
 
@@ -122,29 +135,92 @@ def top_eigenvalues(
     return result
 
 
+def _ritz(it: LanczosIteration, k: int, which: str):
+    """Ritz values, coefficients, all residuals, the ``k`` wanted indices and their error bounds."""
+    theta, S = torch.linalg.eigh(it.projected())
+    residuals = it.residuals(S, theta)
+    chosen = _order(theta, which)[:k]
+    return theta, S, residuals, chosen, _error_bounds(theta, residuals, chosen)
+
+
+def _nothing_beyond(theta, residuals, chosen, which: str, worst: float, worst_bound: float) -> bool:
+    """Whether the best Ritz value outside the wanted set lies, within its residual, past them."""
+    order = _order(theta, which)
+    if order.numel() <= chosen.numel():
+        return True
+    nxt = int(order[chosen.numel()])
+    return _below(float(theta[nxt]), float(residuals[nxt]), worst, worst_bound, which)
+
+
+def _improved(worst: float, before: float, margin: float, which: str) -> bool:
+    """Whether the k-th wanted value moved past ``before`` by more than ``margin`` (a new member)."""
+    if which == "largest":
+        return worst > before + margin
+    if which == "smallest":
+        return worst < before - margin
+    return abs(worst) > abs(before) + margin
+
+
+def _below(value: float, radius: float, worst: float, worst_bound: float, which: str) -> bool:
+    """Whether ``[value - radius, value + radius]`` lies strictly past the k-th wanted value."""
+    if which == "largest":
+        return value + radius < worst - worst_bound
+    if which == "smallest":
+        return value - radius > worst + worst_bound
+    return abs(value) + radius < abs(worst) - worst_bound
+
+
 def _lanczos_eigs(op, k, which, tol, budget, generator, progress) -> EigenResult:
+    """Lanczos, then a check for eigenvalues a single Krylov chain cannot see.
+
+    One chain contains, of each eigenspace, only the direction of its start vector's component, so
+    it finds one copy of a multiple eigenvalue. Once the wanted Ritz pairs converge (after ``m1``
+    steps), a check chain starts from a random vector orthogonal to the basis (see
+    :class:`LanczosIteration`; Ritz pairs are taken over all chains together):
+
+    * if a further copy (or an eigenvalue the first chain missed) enters the wanted set, it is
+      converged, and another check chain starts, to look for one more;
+    * the check passes when, after at least ``max(3, m1 / 2)`` steps of the check chain, the best
+      Ritz value outside the wanted set lies, within its residual, past the k-th wanted value.
+      The wait matters: a hidden copy of a wanted eigenvalue gets, in the check chain, the same
+      amplification it had in the first one, so after half the steps its Ritz value is already
+      too close to pass.
+
+    This costs about half the first chain again on a separated spectrum, and makes ``k`` copies
+    of a repeated eigenvalue come out as ``k`` copies. When the budget runs out first the check is
+    incomplete; ``converged`` still reports the error bounds.
+    """
     it = LanczosIteration(op, budget, generator=generator, restart=True)
-    done = False
+    checking, chain_start, min_check, worst_at_check = False, 0, 0, 0.0
     with progress_bar(it.max_steps, progress, f"Lanczos top-{k}") as bar:
-        while True:
-            stepped = it.step()
+        while it.step():
             bar.update()
-            if it.size >= k:
-                theta, S = torch.linalg.eigh(it.tridiagonal())
-                chosen = _order(theta, which)[:k]
-                residuals = (it.residual_norm * S[-1, chosen]).abs()
-                bounds = _error_bounds(theta, residuals, chosen)
-                scale = float(theta.abs().max())
-                done = _converged(theta[chosen], bounds, tol, scale)
-                if done or not stepped or it.size >= it.max_steps or it.exhausted:
-                    break
-            elif not stepped:
-                break
+            if it.size < k:
+                continue
+            theta, S, residuals, chosen, bounds = _ritz(it, k, which)
+            scale = float(theta.abs().max())
+            if not _converged(theta[chosen], bounds, tol, scale) or it.size >= it.max_steps:
+                continue
+            worst, worst_bound = float(theta[chosen[-1]]), float(bounds[-1])
+            if not checking:
+                min_check = max(3, math.ceil(it.size / 2))
+            elif not _improved(worst, worst_at_check, max(10 * worst_bound, tol * abs(worst_at_check)), which):
+                if it.size - chain_start < min_check:
+                    continue
+                if _nothing_beyond(theta, residuals, chosen, which, worst, worst_bound):
+                    break  # verified
+                continue
+            # first convergence, or the check chain brought in a new member: look (again)
+            if not it.restart():
+                break  # nothing left outside the basis
+            checking, chain_start, worst_at_check = True, it.size, worst
+    theta, S, residuals, chosen, bounds = _ritz(it, k, which)
+    done = _converged(theta[chosen], bounds, tol, float(theta.abs().max()))
     vectors = it.basis[: it.size].T @ S[:, chosen].to(op.dtype)
     return EigenResult(
         eigenvalues=theta[chosen].clone(),
         eigenvectors=vectors,
-        residuals=residuals,
+        residuals=residuals[chosen].clone(),
         error_bounds=bounds,
         num_matvecs=it.num_matvecs,
         converged=done,
@@ -155,10 +231,11 @@ def _lanczos_eigs(op, k, which, tol, budget, generator, progress) -> EigenResult
 def _power_eigs(op, k, which, tol, budget, generator, progress) -> EigenResult:
     """Power iteration on the complement of the eigenvectors found so far (deflation).
 
-    Power iteration converges to the eigenvalue of largest magnitude. For ``which="largest"`` a
-    negative dominant eigenvalue is shifted away: once one is met, the iteration runs on
-    ``A + s I`` with ``s = |lambda|`` (same eigenvectors, all shifted eigenvalues of the wanted end
-    larger in magnitude). ``"smallest"`` runs on ``-A``.
+    Power iteration converges to the eigenvalue of largest magnitude. ``"smallest"`` runs on
+    ``-A``. For ``"largest"`` (and so ``"smallest"``) a dominant eigenvalue of the wrong sign is
+    shifted away: once one is met, the iteration runs on ``A + s I`` with ``s = |lambda|`` (same
+    eigenvectors, the wanted end now dominant). The stopping test uses the residual of the deflated
+    operator; the reported ``residuals`` are the true ``||A v - lambda v||``.
     """
     gen = generator_for(op, generator)
     sign = -1.0 if which == "smallest" else 1.0
@@ -166,35 +243,20 @@ def _power_eigs(op, k, which, tol, budget, generator, progress) -> EigenResult:
     values, residuals = [], []
     shift, matvecs, all_converged = 0.0, 0, True
     with progress_bar(budget, progress, f"power top-{k}") as bar:
-        while len(found) < k:
+        while len(found) < k and matvecs < budget:
             V = torch.stack(found, dim=1) if found else None
-
-            def deflate(x):
-                return x if V is None else x - V @ (V.T @ x)
-
-            v = deflate(probe(op.num_params, gen, dtype=op.dtype))
-            v = v / torch.linalg.vector_norm(v)
-            theta, r, converged = math.nan, math.inf, False
-            while matvecs < budget:
-                Av = sign * deflate(op @ v)
-                matvecs += 1
-                bar.update()
-                theta = float(torch.dot(Av.double(), v.double()))
-                r = float(torch.linalg.vector_norm((Av - theta * v).double()))
-                if r <= tol * max(abs(theta), 1e-300):
-                    converged = True
-                    break
-                w = Av + shift * v
-                v = w / torch.linalg.vector_norm(w)
-            if which == "largest" and theta < 0 and shift == 0.0 and converged:
-                shift = abs(theta)  # a negative eigenvalue dominates: look at A + |theta| I instead
+            watch = which != "magnitude" and shift == 0.0
+            v, theta, r_true, converged, used, stalled = _power_one(op, V, sign, shift, tol, budget - matvecs, gen, watch)
+            matvecs += used
+            bar.update(used)
+            if watch and (stalled is not None or (converged and theta < 0)):
+                # a wrong-sign eigenvalue dominates, or ties in magnitude: look at A + s I instead
+                shift = stalled if stalled is not None else abs(theta)
                 continue
             all_converged &= converged
             found.append(v)
             values.append(sign * theta)
-            residuals.append(r)
-            if matvecs >= budget:
-                break
+            residuals.append(r_true)
     while len(values) < k:  # budget exhausted: report what there is, marked unconverged
         values.append(math.nan)
         residuals.append(math.inf)
@@ -212,3 +274,49 @@ def _power_eigs(op, k, which, tol, budget, generator, progress) -> EigenResult:
         converged=all_converged,
         method="power",
     )
+
+
+def _power_one(op, V, sign, shift, tol, budget, gen, watch: bool = False):
+    """One deflated power iteration on ``sign * A + shift * I``, orthogonal to the columns of ``V``.
+
+    Returns ``(v, theta, true_residual, converged, matvecs, stalled)``; ``theta = sign * v^T A v``
+    and the residual refer to the same ``v``. With ``watch``, an iteration whose growth rate
+    ``rho = ||A v||`` has settled while its residual stopped shrinking is abandoned and ``stalled``
+    is ``rho``: eigenvalues of opposite signs tie in magnitude (``+-lambda``), so the iterate
+    oscillates between them and would never converge; the caller then shifts by ``rho``.
+    """
+
+    def deflate(x):
+        return x if V is None else x - V @ (V.T @ x)
+
+    # Gaussian: after deflation a sign vector can be exactly orthogonal to the rest of a multiple
+    # eigenspace (structured matrices), which would skip the remaining copies.
+    v = deflate(probe(op.num_params, gen, dtype=op.dtype, distribution="gaussian"))
+    v = v / torch.linalg.vector_norm(v)
+    theta, r_true, used, rhos, residuals = math.nan, math.inf, 0, [], []
+    while used < budget:
+        Av_full = sign * (op @ v)
+        used += 1
+        Av = deflate(Av_full)
+        theta = float(torch.dot(Av.double(), v.double()))
+        r_true = float(torch.linalg.vector_norm((Av_full - theta * v).double()))
+        r = float(torch.linalg.vector_norm((Av - theta * v).double()))
+        if r <= tol * max(abs(theta), 1e-300):
+            return v, theta, r_true, True, used, None
+        rhos.append(float(torch.linalg.vector_norm(Av.double())))
+        residuals.append(r)
+        if watch and _stalled(rhos, residuals):
+            return v, theta, r_true, False, used, rhos[-1]
+        if used == budget:
+            break
+        w = Av + shift * v
+        v = w / torch.linalg.vector_norm(w)
+    return v, theta, r_true, False, used, None
+
+
+def _stalled(rhos: List[float], residuals: List[float], window: int = 20) -> bool:
+    """Growth rate settled (to 1e-3) but the residual not halved over the last ``window`` steps."""
+    if len(rhos) <= window:
+        return False
+    settled = abs(rhos[-1] - rhos[-2]) <= 1e-3 * rhos[-1]
+    return settled and residuals[-1] > 0.5 * residuals[-1 - window]

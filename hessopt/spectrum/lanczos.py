@@ -18,7 +18,8 @@ accumulated in float64 and :math:`T_m` is solved with ``torch.linalg.eigh``.
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -31,14 +32,26 @@ __all__ = ["lanczos", "LanczosIteration"]
 
 
 class LanczosIteration:
-    """Step-by-step Lanczos with full reorthogonalization (the shared kernel).
+    r"""Step-by-step Lanczos with full reorthogonalization (the shared kernel).
 
     Call :meth:`step` to add one basis vector (one matvec); read :attr:`alphas`, :attr:`betas`,
-    :attr:`basis` and :meth:`tridiagonal` at any point. When the Krylov space becomes invariant
-    (``beta`` vanishes) the iteration either stops (:attr:`exhausted`; what spectral quadrature
-    needs, since the quadrature is then exact) or, with ``restart=True``, continues from a fresh
-    random vector orthogonal to the basis (what an eigensolver needs to find further eigenvalues,
-    e.g. of a multiple eigenvalue).
+    :attr:`basis`, :meth:`tridiagonal` and :meth:`projected` at any point. When the Krylov space
+    becomes invariant (``beta`` vanishes) the iteration either stops (:attr:`exhausted`; what
+    spectral quadrature needs, since the quadrature is then exact) or, with ``restart=True``,
+    continues with a new chain from a fresh random vector orthogonal to the basis.
+
+    An eigensolver may also call :meth:`restart` before the space is invariant: one Krylov chain
+    never sees the part of a multiple eigenvalue's eigenspace orthogonal to its start vector, so a
+    new chain is how further copies are found. The basis then no longer yields a tridiagonal
+    projection, so the iteration also keeps the full projected matrix :math:`H = V^\top A V` (its
+    columns are the reorthogonalization coefficients, computed anyway) and the residual columns
+    :math:`R = AV - VH`, nonzero only for the last vector of each chain and updated as the basis
+    grows. For any coefficient vector :math:`s` and value :math:`\theta`,
+
+    .. math::  \|A V s - \theta V s\|^2 = \|H s - \theta s\|^2 + \|R s\|^2
+
+    (:meth:`residuals`), exact and without extra matvecs. Without restarts, :math:`H = T` and
+    :math:`R = \beta_m v_{m+1} e_m^\top`: plain Lanczos.
     """
 
     def __init__(
@@ -52,7 +65,7 @@ class LanczosIteration:
         self.op = op
         n = op.num_params
         self.max_steps = min(int(max_steps), n)
-        self.restart = restart
+        self.restart_on_breakdown = restart
         self._gen = generator_for(op, generator)
         self.basis = torch.empty(self.max_steps, n, dtype=op.dtype, device=op.device)  # rows
         self.alphas: list = []
@@ -60,6 +73,8 @@ class LanczosIteration:
         self.num_matvecs = 0
         self.exhausted = False
         self._anorm = 0.0
+        self._H = torch.zeros(self.max_steps, self.max_steps, dtype=torch.float64)  # upper triangle
+        self._open: Dict[int, torch.Tensor] = {}  # column j -> (A V - V H)[:, j] where nonzero
         start = self._random_vector() if v0 is None else v0.to(dtype=op.dtype, device=op.device).reshape(-1)
         if start.numel() != n:
             raise ValueError(f"v0 must have {n} entries, got {start.numel()}")
@@ -73,14 +88,32 @@ class LanczosIteration:
         """Number of basis vectors so far (``m``)."""
         return len(self.alphas)
 
-    def _random_vector(self) -> torch.Tensor:
-        return probe(self.op.num_params, self._gen, dtype=self.op.dtype)
+    def _random_vector(self, distribution: str = "rademacher") -> torch.Tensor:
+        return probe(self.op.num_params, self._gen, dtype=self.op.dtype, distribution=distribution)
 
-    def _orthogonalize(self, w: torch.Tensor, m: int) -> torch.Tensor:
+    def _tiny(self) -> float:
+        return 1e3 * torch.finfo(self.op.dtype).eps * max(self._anorm, 1e-300)
+
+    def _orthogonalize(self, w: torch.Tensor, m: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``w`` minus its components along the first ``m`` basis vectors, and those components."""
         V = self.basis[:m]
+        coefficients = torch.zeros(m, dtype=torch.float64)
         for _ in range(2):  # "twice is enough" (Kahan, Parlett)
-            w = w - V.T @ (V @ w)
-        return w
+            c = V @ w
+            w = w - V.T @ c
+            coefficients += c.double().cpu()
+        return w, coefficients
+
+    def _add_to_basis(self, v: torch.Tensor) -> None:
+        """Append ``v``; each open residual column loses its component along ``v``."""
+        self.basis[self.size] = v
+        for j in list(self._open):
+            r = self._open[j]
+            r = r - v * torch.dot(v, r)
+            if float(torch.linalg.vector_norm(r.double())) <= self._tiny():
+                del self._open[j]  # the usual case: the previous vector's residual was beta * v
+            else:
+                self._open[j] = r
 
     def step(self) -> bool:
         """Add one basis vector (one matvec). Returns False when no further step is possible."""
@@ -88,36 +121,70 @@ class LanczosIteration:
         if j >= self.max_steps or self.exhausted:
             return False
         v = self._next
-        self.basis[j] = v
+        self._add_to_basis(v)
         w = self.op @ v
         self.num_matvecs += 1
         alpha = float(torch.dot(w.double(), v.double()))
-        w = self._orthogonalize(w, j + 1)  # removes alpha v and beta v_{j-1} too, more accurately
+        w, coefficients = self._orthogonalize(w, j + 1)  # removes alpha v and beta v_{j-1} too, more accurately
+        coefficients[j] = alpha
+        self._H[: j + 1, j] = coefficients
         beta = float(torch.linalg.vector_norm(w.double()))
         self.alphas.append(alpha)
         self._anorm = max(self._anorm, abs(alpha) + beta + (self.betas[-1] if self.betas else 0.0))
-        breakdown = beta <= 1e3 * torch.finfo(self.op.dtype).eps * max(self._anorm, 1e-300)
-        if breakdown:
-            beta = 0.0
-        self.betas.append(beta)
+        breakdown = beta <= self._tiny()
+        self.betas.append(0.0 if breakdown else beta)
+        if not breakdown:
+            self._open[j] = w
         if j + 1 >= self.max_steps:
             return True
         if not breakdown:
             self._next = w / beta
-            return True
-        if not self.restart:
+        elif not self.restart_on_breakdown:
             self.exhausted = True
-            return True
-        # Invariant subspace found: continue in its orthogonal complement (T becomes block diagonal).
-        fresh = self._orthogonalize(self._random_vector(), j + 1)
-        self._next = fresh / torch.linalg.vector_norm(fresh)
+        else:
+            self.restart()  # invariant subspace found: continue in its orthogonal complement
+        return True
+
+    def restart(self) -> bool:
+        """Start a new chain from a random vector orthogonal to the basis.
+
+        The current chain's residual stays in :math:`R`. Returns False (and marks the iteration
+        exhausted) when the basis already spans the whole space.
+        """
+        j = self.size
+        if j == 0 or j >= self.max_steps or self.exhausted:
+            return False
+        self.betas[-1] = 0.0  # the tridiagonal view becomes block diagonal; H and R stay exact
+        # Gaussian, not Rademacher: a sign vector can be exactly orthogonal to what is left (e.g. to
+        # (1, -1, 0, ..) in a multiple eigenspace of a diagonal matrix); a Gaussian one almost never.
+        fresh, _ = self._orthogonalize(self._random_vector("gaussian"), j)
+        norm = float(torch.linalg.vector_norm(fresh.double()))
+        if norm <= 1e3 * torch.finfo(self.op.dtype).eps * math.sqrt(self.op.num_params):
+            self.exhausted = True
+            return False
+        self._next = fresh / norm
         return True
 
     def tridiagonal(self) -> torch.Tensor:
-        """``T_m`` as a dense float64 matrix."""
+        """``T_m`` as a dense float64 matrix (block diagonal after restarts)."""
         a = torch.tensor(self.alphas, dtype=torch.float64)
         b = torch.tensor(self.betas[:-1], dtype=torch.float64)
         return torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1)
+
+    def projected(self) -> torch.Tensor:
+        """``H = V^T A V`` (float64, symmetric); equals :meth:`tridiagonal` when there was no restart."""
+        upper = torch.triu(self._H[: self.size, : self.size])
+        return upper + torch.triu(upper, 1).T
+
+    def residuals(self, S: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """``||A V s - theta V s||`` for each column ``s`` of ``S`` and value in ``theta`` (float64)."""
+        r2 = ((self.projected() @ S - S * theta) ** 2).sum(dim=0)
+        if self._open:
+            R = torch.stack(list(self._open.values()), dim=1).double()
+            gram = (R.T @ R).cpu()  # few columns: ||R s||^2 = s^T (R^T R) s without an n x k product
+            Sr = S[torch.tensor(list(self._open), dtype=torch.long)]
+            r2 = r2 + (Sr * (gram @ Sr)).sum(dim=0)
+        return r2.clamp_min(0).sqrt()
 
     @property
     def residual_norm(self) -> float:
