@@ -330,6 +330,11 @@ def _bad_input_cases(model, x, y):
         "bad params regex": (loss_op(nn.CrossEntropyLoss(), params="^nothing"), ValueError, r"no parameters selected"),
         "not a model": (lambda: hessopt.HessianOperator(lambda t: t, nn.CrossEntropyLoss(), data), TypeError, r"model must be a torch.nn.Module"),
         "loss not callable": (lambda: hessopt.HessianOperator(model, "mse", data), TypeError, r"loss_fn must be callable"),
+        "loss_fn raises mid-forward (train mode)": (
+            loss_op(lambda out, t: 1 / 0, bn_mode="train"),
+            ZeroDivisionError,
+            r"division by zero",
+        ),
         "nan loss": (
             loss_op(lambda out, t: F.cross_entropy(out, t) * float("nan")),
             hessopt.NonFiniteCurvatureError,
@@ -351,6 +356,25 @@ def test_bad_input_raises_a_clear_error_and_leaves_the_model_alone(case, snapsho
     call, error, message = _bad_input_cases(model, x, y)[case]
     with pytest.raises(error, match=message):
         call()
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda op: hessopt.top_eigenvalues(op, k=35), ValueError, r"k=35 is larger than the dimension of the operator \(34\)"),
+        (lambda op: hessopt.top_eigenvalues(op, method="eig"), ValueError, r"unknown method 'eig'"),
+        (lambda op: hessopt.trace(op, method="exact"), ValueError, r"unknown trace method 'exact'"),
+        (lambda op: hessopt.diagonal(op, probes=torch.ones(33, 2, dtype=DT)), ValueError, r"probes must be a \(34, m\) tensor"),
+        (lambda op: hessopt.spectral_density(op, num_steps=0), ValueError, r"num_steps must be a positive int"),
+    ],
+)
+def test_estimator_errors_on_a_hessian_operator_leave_the_model_alone(call, error, message, snapshot, assert_unchanged):
+    model, data = _bn_net(), _data(16)
+    before = snapshot(model)
+    op = hessopt.HessianOperator(model, nn.CrossEntropyLoss(), data, bn_mode="train")
+    with pytest.raises(error, match=message):
+        call(op)
     assert_unchanged(model, before)
 
 
