@@ -176,7 +176,8 @@ def load_checkpoint(path: str, device, trust: bool = False) -> Dict[str, Any]:
             raise CLIError(f"{path} is a directory without checkpoint.pt; pass the checkpoint file")
         p = candidate
     try:
-        ckpt = torch.load(p, map_location=device, weights_only=not trust)
+        with torch.serialization.safe_globals(_numpy_globals()):
+            ckpt = torch.load(p, map_location=device, weights_only=not trust)
     except pickle.UnpicklingError as err:
         refused = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line]
         if not trust and refused:
@@ -195,11 +196,46 @@ def load_checkpoint(path: str, device, trust: bool = False) -> Dict[str, Any]:
         )
     if not isinstance(ckpt["model"], dict):
         raise CLIError(f"{p}: 'model' should be a state dict, got {type(ckpt['model']).__name__}")
-    config = ckpt.get("config", {})
-    if not isinstance(config, dict):
-        config = dict(vars(config)) if hasattr(config, "__dict__") else {}
-    ckpt["config"] = config
+    ckpt["config"] = _config(ckpt)
     return ckpt
+
+
+def _numpy_globals() -> list:
+    # The recipe stores NumPy's RNG state (an array) for bit-exact resumption; these are NumPy's
+    # array/dtype reconstructors, which rebuild plain data and run no user code.
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        return []
+    core = getattr(np, "_core", None) or np.core
+    allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    allowed += [type(np.dtype(t)) for t in (np.uint8, np.uint32, np.int64, np.float32, np.float64)]
+    return allowed
+
+
+def _config(ckpt: Dict[str, Any]) -> Dict[str, Any]:
+    """The run's settings: ``resolved`` (all defaults filled in) over ``config`` (as given), with
+    ``model_args`` / ``dataset_args`` (what the model and data were built from) taking precedence."""
+    config: Dict[str, Any] = {}
+    for key in ("config", "resolved"):
+        part = ckpt.get(key)
+        if part is not None and not isinstance(part, dict):
+            part = dict(vars(part)) if hasattr(part, "__dict__") else None
+        if part:
+            config.update({k: v for k, v in part.items() if v is not None})
+    model_args = ckpt.get("model_args")
+    if isinstance(model_args, dict):
+        for src, dst in (("name", "model"), ("batchnorm", "batchnorm"), ("residual", "residual"),
+                         ("num_classes", "num_classes"), ("in_chans", "in_chans")):
+            if model_args.get(src) is not None:
+                config[dst] = model_args[src]
+    dataset_args = ckpt.get("dataset_args")
+    if isinstance(dataset_args, dict):
+        if dataset_args.get("name"):
+            config["dataset"] = dataset_args["name"]
+        if dataset_args.get("data_dir"):
+            config["data_dir"] = dataset_args["data_dir"]
+    return config
 
 
 def _state_dict(state: Dict[str, Any]) -> Dict[str, Any]:
@@ -227,6 +263,12 @@ def _build(config: Dict[str, Any], model_name: Optional[str], data, state: Dict[
     name = model_name or config.get("model")
     if not name:
         raise CLIError("the checkpoint's config does not name the model: pass --model NAME")
+    for key, have in (("num_classes", data.num_classes), ("in_chans", data.in_chans)):
+        if config.get(key) is not None and int(config[key]) != have and not model_name:
+            raise CLIError(
+                f"the checkpoint's model has {key}={config[key]} but dataset {data.name!r} has {have}: "
+                f"pass the --dataset it was trained on (the checkpoint says {config.get('dataset')!r})"
+            )
     kwargs = dict(batchnorm=bool(config.get("batchnorm", True)), residual=bool(config.get("residual", True)))
     try:
         model = zoo.build_model(name, data.num_classes, in_chans=data.in_chans, **kwargs)
@@ -292,7 +334,8 @@ def analyze(args: argparse.Namespace) -> Dict[str, Any]:
     if not dataset:
         raise CLIError("the checkpoint's config does not name the dataset: pass --dataset NAME")
     if args.dataset and config.get("dataset") and args.dataset != config.get("dataset"):
-        warnings.warn(f"--dataset {args.dataset} differs from the checkpoint's dataset {config.get('dataset')!r}")
+        print(f"hessopt analyze: note: --dataset {args.dataset} differs from the checkpoint's dataset "
+              f"{config.get('dataset')!r}", file=sys.stderr)
     data_dir = args.data_dir
     if data_dir is None and dataset == config.get("dataset"):
         data_dir = config.get("data_dir")

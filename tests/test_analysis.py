@@ -319,6 +319,29 @@ def test_kronecker_conv_unfolding_matches_layer_hessian():
     assert 0.0 <= kf.overlap <= 1.0
 
 
+def test_kronecker_reduce_is_exact_for_spatially_constant_inputs_and_expand_misses_a_factor_p():
+    # 1x1 conv on images constant over space, then ReLU and global average pooling: every position sees
+    # the same patch and the same output Jacobian, so per sample the exact block is M_reduce (x) u u^T,
+    # and "expand" (KFC), which drops the cross-position terms, keeps 1/P of it.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).to(DT)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 3, 1, 1, generator=g, dtype=DT).expand(6, 3, 3, 3).contiguous()
+    y = torch.randint(0, 3, (6,), generator=g)
+    loss = nn.CrossEntropyLoss()
+    red = kronecker_factors(model, "0", loss, (x, y), k=3, exact=False, return_ggn=True, positions="reduce")
+    exp = kronecker_factors(model, "0", loss, (x, y), k=3, exact=False, positions="expand")
+    H = dense_hessian(model, loss, x, y, names=["0.weight"])
+    assert red.positions == 9 and red.mode == "reduce"
+    assert torch.allclose(red.ggn, H, atol=1e-12)
+    assert torch.allclose(exp.matrix() * 9, red.matrix(), atol=1e-12)
+    # one sample: no averaging over samples to decouple, so "reduce" is the exact block
+    one = kronecker_factors(model, "0", loss, (x[:1], y[:1]), k=3, exact=False, positions="reduce")
+    assert torch.allclose(one.matrix(), dense_hessian(model, loss, x[:1], y[:1], names=["0.weight"]), atol=1e-12)
+    with pytest.raises(ValueError, match="'expand' or 'reduce'"):
+        kronecker_factors(model, "0", loss, (x, y), positions="sum")
+
+
 def test_kronecker_errors():
     model = mlp()
     x, y = batch()

@@ -39,11 +39,23 @@ reshaped eigenvectors and the roughly :math:`C` outlier eigenvalues.
 
 **Convolutions** (``nn.Conv2d``, ``groups=1``) are linear in :math:`W` (``(out, in*kh*kw)``) acting
 on unfolded patches :math:`u_{n,p}` at output positions :math:`p=1..P`. The exact block is
-:math:`\frac1N\sum_n\sum_{p,q} M_n^{(pq)}\otimes u_{n,p}u_{n,q}^\top`; the KFC approximation
-(Grosse & Martens 2016: spatially homogeneous, spatially uncorrelated derivatives) keeps the
-:math:`p = q` terms and factors them as :math:`S = \mathbb E_n[\sum_p M_n^{(pp)}]`,
-:math:`A = \mathbb E_{n,p}[u_{n,p}u_{n,p}^\top]`. An ``nn.Linear`` applied to ``(N, ..., d)``
-inputs is treated the same way, with the middle dimensions as positions.
+:math:`\frac1N\sum_n\sum_{p,q} M_n^{(pq)}\otimes u_{n,p}u_{n,q}^\top` (:math:`M^{(pq)}` couples the
+outputs at positions :math:`p` and :math:`q`). Two Kronecker approximations of the weight-shared
+layer (Eschenhagen et al., "Kronecker-Factored Approximate Curvature for Modern Neural Network
+Architectures", NeurIPS 2023):
+
+* ``positions="expand"`` (default; KFC of Grosse & Martens 2016): keep the :math:`p = q` terms
+  (spatially uncorrelated derivatives) and factor them as :math:`S = \mathbb E_n[\sum_p M_n^{(pp)}]`,
+  :math:`A = \mathbb E_{n,p}[u_{n,p}u_{n,p}^\top]`. Exact when the cross-position terms vanish.
+* ``positions="reduce"``: sum the output Jacobians and average the patches over positions first,
+  :math:`\bar J_n = \sum_p J_n^{(p)}`, :math:`\bar u_n = \frac1P\sum_p u_{n,p}`, and take
+  :math:`S = \mathbb E_n[\bar J_n^\top H_n \bar J_n]`, :math:`A = \mathbb E_n[\bar u_n \bar u_n^\top]`.
+  Exact when the patches do not vary over positions; it keeps the cross-position terms that a
+  global average pooling after the layer makes as large as the diagonal ones (there "expand"
+  underestimates the top eigenvalues by up to a factor :math:`P`).
+
+An ``nn.Linear`` applied to ``(N, ..., d)`` inputs is treated the same way, with the middle
+dimensions as positions; for ``(N, d)`` inputs (:math:`P = 1`) the two coincide.
 
 What is computed: :math:`S` and :math:`A` (float64) over the given batches, with
 :math:`J_n` obtained by :math:`C` backward passes (one per output unit; fine for tens of classes)
@@ -90,6 +102,7 @@ class KroneckerFactors:
         input_factor: ``A = E[x x^T]`` (``(d, d)``, float64; ``d = in*kh*kw`` for a conv).
         num_samples: samples averaged over.
         positions: output positions per sample (1 for an ``nn.Linear`` on ``(N, d)`` inputs).
+        mode: ``"expand"`` or ``"reduce"`` (how positions were folded into the factors).
         eigenvalues: ``(k,)`` float64, top eigenvalues of ``S (x) A`` (descending).
         eigenvectors: ``(n, k)`` their eigenvectors ``u_a (x) v_b`` (the weight's dtype).
         factor_indices: ``(k, 2)``: for each eigenpair, the index ``a`` of the output factor's and
@@ -107,6 +120,7 @@ class KroneckerFactors:
     input_factor: torch.Tensor = dataclasses.field(repr=False)
     num_samples: int
     positions: int
+    mode: str
     eigenvalues: torch.Tensor
     eigenvectors: torch.Tensor = dataclasses.field(repr=False)
     factor_indices: torch.Tensor = dataclasses.field(repr=False)
@@ -235,6 +249,7 @@ def kronecker_factors(
     max_matvecs: Optional[int] = None,
     generator: GeneratorLike = 0,
     chunk_size: int = 128,
+    positions: str = "expand",
 ) -> KroneckerFactors:
     r"""The Kronecker approximation ``E[M] (x) E[x x^T]`` of a Linear/Conv2d layer's weight Hessian.
 
@@ -252,6 +267,8 @@ def kronecker_factors(
         return_ggn: also return the dense exact Gauss-Newton block (``n x n``: tiny layers only).
         tol, max_matvecs, generator: for the exact eigenpairs (:func:`hessopt.top_eigenvalues`).
         chunk_size: samples per forward pass (memory: ``chunk * C * P * out`` numbers for ``J``).
+        positions: ``"expand"`` (KFC) or ``"reduce"``: how positions of a conv (or of a Linear on
+            sequences) enter the factors; see the module docstring. Irrelevant for ``P = 1``.
 
     Returns:
         :class:`KroneckerFactors`.
@@ -261,6 +278,8 @@ def kronecker_factors(
         >>> kf.overlap, kf.eigenvalues[:3], kf.exact_eigenvalues[:3]
     """
     name, module = _find_layer(model, layer)
+    if positions not in ("expand", "reduce"):
+        raise ValueError(f"positions must be 'expand' or 'reduce', got {positions!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     W = module.weight
@@ -271,7 +290,7 @@ def kronecker_factors(
     if not batches:
         raise ValueError("data is empty: pass at least one (inputs, targets) batch")
     S = A = G = None
-    n_total, np_total, positions = 0, 0, 1
+    n_total, np_total, num_pos = 0, 0, 1
     captured: Dict[str, torch.Tensor] = {}
 
     def hook(mod, inp, out):
@@ -300,17 +319,22 @@ def kronecker_factors(
                     )
                     J = _output_jacobian_layout(module, J).to(torch.float64)  # (N, C, P, out)
                     u = _patches(module, captured["x"]).to(torch.float64)  # (N, P, d)
-                    positions = u.shape[1]
+                    num_pos = u.shape[1]
                     HJ = torch.einsum("ncd,ndpo->ncpo", Hn, J)
-                    s = torch.einsum("ncpo,ncpq->oq", J, HJ)
-                    a = torch.einsum("npi,npj->ij", u, u)
+                    if positions == "expand":
+                        s = torch.einsum("ncpo,ncpq->oq", J, HJ)
+                        a = torch.einsum("npi,npj->ij", u, u)
+                    else:
+                        Jbar, ubar = J.sum(2), u.mean(1)
+                        s = torch.einsum("nco,ncd,ndq->oq", Jbar, Hn, Jbar)
+                        a = ubar.T @ ubar * num_pos  # normalized by N * P below
                     S = s if S is None else S + s
                     A = a if A is None else A + a
                     if return_ggn:
                         g = torch.einsum("ncpo,ncqr,npi,nqj->oirj", J, HJ, u, u).reshape(n_weight, n_weight)
                         G = g if G is None else G + g
                     n_total += N
-                    np_total += N * positions
+                    np_total += N * num_pos
     finally:
         handle.remove()
     S = S / n_total
@@ -337,7 +361,8 @@ def kronecker_factors(
         output_factor=S,
         input_factor=A,
         num_samples=n_total,
-        positions=positions,
+        positions=num_pos,
+        mode=positions,
         eigenvalues=eigenvalues,
         eigenvectors=vectors.to(W.dtype),
         factor_indices=torch.stack([ia, ib], dim=1).cpu(),
