@@ -21,11 +21,12 @@ Sources:
   3. the archive ``cifar10-jpeg.tar.xz`` (the file itself, or a folder holding it), read as a
      stream and decoded once with Pillow.
 
-  Default (``data_dir=None``): ``../shared/data/cifar10-jpeg.tar.xz`` next to the repository, if
-  it exists. Decoded folders and archives are cached as ``.npy`` files in ``cache_dir`` (default
-  ``$HESSOPT_CACHE`` or ``~/.cache/hessopt``), keyed by the source's file names and sizes; written
-  atomically, so concurrent processes (``torchrun``) never read a partial file. Labels follow the
-  standard order airplane automobile bird cat deer dog frog horse ship truck.
+  Default (``data_dir=None``): ``../shared/data/cifar10-jpeg.tar.xz`` beside the repository, else
+  ``shared/data/cifar10-jpeg.tar.xz`` inside it. Decoded folders and archives are cached as
+  ``.npy`` files in ``cache_dir`` (default ``$HESSOPT_CACHE`` or ``~/.cache/hessopt``), keyed by the
+  source's file names and sizes; written atomically, so concurrent processes (``torchrun``) never
+  read a partial file. Labels follow the standard order airplane automobile bird cat deer dog frog
+  horse ship truck.
 * ``imagefolder``: ``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*`` (or ``test/``),
   the ImageNet / torchvision ``ImageFolder`` layout; classes sorted by name. **Limit:** this is an
   in-memory loader. All images must share one size (resize them beforehand, e.g. to 64x64 for a
@@ -54,7 +55,8 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 DATASETS = ("digits", "cifar10", "imagefolder")
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 _REPO_ROOT = Path(__file__).resolve().parents[2]
-_DEFAULT_CIFAR_ARCHIVE = _REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
+# ../shared/data beside the repository (developer checkouts, CI), or shared/data inside it (copies)
+_DEFAULT_CIFAR_ARCHIVES = tuple(root / "shared" / "data" / "cifar10-jpeg.tar.xz" for root in (_REPO_ROOT.parent, _REPO_ROOT))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -197,12 +199,14 @@ def _load_digits() -> ImageData:
 
 def _load_cifar10(data_dir: Optional[str], cache_dir: Optional[str]) -> ImageData:
     if data_dir is None:
-        if not _DEFAULT_CIFAR_ARCHIVE.exists():
+        found = [p for p in _DEFAULT_CIFAR_ARCHIVES if p.exists()]
+        if not found:
             raise ValueError(
                 "cifar10 needs data_dir (torchvision's cifar-10-batches-py folder, train/ and test/ "
-                f"JPEG folders, or cifar10-jpeg.tar.xz); the default {_DEFAULT_CIFAR_ARCHIVE} does not exist"
+                f"JPEG folders, or cifar10-jpeg.tar.xz); the defaults {[str(p) for p in _DEFAULT_CIFAR_ARCHIVES]} "
+                "do not exist"
             )
-        source = _DEFAULT_CIFAR_ARCHIVE
+        source = found[0]
     else:
         source = Path(data_dir).expanduser()
     if source.is_file():

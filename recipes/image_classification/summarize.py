@@ -1,0 +1,38 @@
+"""Summarize runs of train.py as a markdown table (one row per --output-dir).
+
+    python recipes/image_classification/summarize.py runs/c10_sgd runs/c10_adamw runs/c10_adahessian
+
+Columns: optimizer, epochs, final and best validation accuracy, median seconds per epoch (training
+and evaluation; curvature time excluded; the median skips the first epoch's warm-up), total time.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def summarize(run: Path) -> str:
+    resolved = json.loads((run / "config.json").read_text())["resolved"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if not records:
+        return f"| {run.name} | no epochs logged | | | | |"
+    times = [r["time_s"] for r in records]
+    steady = times[1:] or times
+    opt = resolved["opt"] + (f" (update_each {resolved['update_each']})" if resolved.get("update_each", 1) > 1 else "")
+    return (f"| {opt} | {resolved['model']} | {len(records)} | {100 * records[-1]['val_acc']:.2f} | "
+            f"{100 * max(r['val_acc'] for r in records):.2f} | {statistics.median(steady):.2f} | {sum(times):.0f} |")
+
+
+def main(argv) -> None:
+    if not argv:
+        raise SystemExit(__doc__)
+    print("| optimizer | model | epochs | final val acc (%) | best val acc (%) | s/epoch (median) | total s |")
+    print("|---|---|---|---|---|---|---|")
+    for run in argv:
+        print(summarize(Path(run)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

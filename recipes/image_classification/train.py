@@ -1,0 +1,506 @@
+"""Image classification with AdaHessian, SGD, AdamW or any timm optimizer, with optional curvature tracking.
+
+Commands (from the repository root):
+
+    # 8x8 digits on CPU (seconds); curvature every 10 steps; then continue to epoch 3
+    python recipes/image_classification/train.py --dataset digits --model cifar_resnet20 --opt adahessian \
+        --epochs 2 --batch-size 64 --output-dir runs/digits --curvature-every 10
+    python recipes/image_classification/train.py --dataset digits --model cifar_resnet20 --opt adahessian \
+        --epochs 3 --batch-size 64 --output-dir runs/digits --curvature-every 10 --resume
+
+    # CIFAR-10, the AdaHessian paper's recipe (ResNet20, 160 epochs) and its SGD baseline
+    python recipes/image_classification/train.py --preset paper_adahessian_cifar --output-dir runs/c10_adahessian
+    python recipes/image_classification/train.py --preset paper_sgd_cifar --output-dir runs/c10_sgd
+
+    # the same with 20 epochs (milestones scaled from 80/120 of 160 to 10/15 of 20)
+    python recipes/image_classification/train.py --preset paper_adahessian_cifar --epochs 20 --output-dir runs/c10_ah20
+
+    # several processes (DDP; gloo on CPU, nccl on GPU); --batch-size is the global batch
+    torchrun --nproc_per_node=2 recipes/image_classification/train.py --dataset digits --epochs 2 --output-dir runs/ddp
+
+Outputs in --output-dir: config.json (the options as given and as resolved), metrics.jsonl (one JSON
+object per epoch), curvature.jsonl (with --curvature-every), checkpoint.pt (after every epoch,
+written atomically), tensorboard/ (when installed), training.png / curvature.png / density.png.
+
+Precedence of options: built-in defaults < --preset < options given on the command line; with
+--resume the saved config.json replaces the defaults and preset, and only the options given on the
+command line change it (e.g. a larger --epochs).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:
+    import hessopt
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    import hessopt
+from hessopt.monitor import CurvatureMonitor, plot_run, read_jsonl
+from hessopt.zoo import DeviceLoader, build_model, load_dataset
+
+
+def _opt(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    """A Config field whose comment is also its --help text."""
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class Config:
+    # data and model
+    dataset: Optional[str] = _opt(None, "digits | cifar10 | imagefolder (default: the preset's, else digits)", type=str, choices=("digits", "cifar10", "imagefolder"))
+    data_dir: Optional[str] = _opt(None, "data location (cifar10: pickles, JPEG folders or the .tar.xz; default ../shared/data)", type=str)
+    cache_dir: Optional[str] = _opt(None, "where decoded CIFAR-10 arrays are cached (default ~/.cache/hessopt)", type=str)
+    model: Optional[str] = _opt(None, "cifar_resnet20/32/38/56, digits_cnn, or a timm model (default cifar_resnet20)", type=str)
+    batchnorm: bool = _opt(True, "keep BatchNorm layers (--no-batchnorm removes them; zoo models only)", type=bool)
+    residual: bool = _opt(True, "keep residual connections (--no-residual: plain network; CIFAR ResNets)", type=bool)
+    augment: Optional[bool] = _opt(None, "random crop (padding 4) + flip (default: on for cifar10/imagefolder, off for digits)", type=bool)
+    # optimization
+    preset: Optional[str] = _opt(None, "paper_adahessian_cifar | paper_sgd_cifar", type=str, choices=("paper_adahessian_cifar", "paper_sgd_cifar"))
+    opt: Optional[str] = _opt(None, "adahessian | sgd | adamw | any timm optimizer name (default adahessian)", type=str)
+    epochs: Optional[int] = _opt(None, "number of epochs (default: the preset's, else 10)", type=int)
+    batch_size: Optional[int] = _opt(None, "global batch size (default: the preset's, else 128)", type=int)
+    lr: Optional[float] = _opt(None, "learning rate (default: adahessian 0.15, sgd 0.1, adamw and timm 1e-3)", type=float)
+    weight_decay: Optional[float] = _opt(None, "in the optimizer's own convention: decoupled for adahessian/adamw (adahessian 5e-4/0.15, adamw 0.05), L2 for sgd (5e-4)", type=float)
+    momentum: Optional[float] = _opt(None, "SGD momentum (0.9)", type=float)
+    nesterov: bool = _opt(True, "Nesterov momentum for SGD", type=bool)
+    betas: Optional[Tuple[float, float]] = _opt(None, "Adam-style betas (0.9 0.999)", type=float, nargs=2)
+    eps: Optional[float] = _opt(None, "denominator epsilon (adahessian 1e-4, adamw 1e-8)", type=float)
+    milestones: Optional[Tuple[int, ...]] = _opt(None, "epochs at which lr is multiplied by --gamma (default: the preset's scaled to --epochs, else 50%% and 75%% of --epochs; none given: constant lr)", type=int, nargs="*")
+    gamma: float = _opt(0.1, "lr factor at each milestone", type=float)
+    update_each: int = _opt(1, "AdaHessian: Hessian estimate every K steps (lazy Hessian)", type=int)
+    amp: str = _opt("none", "none | bf16 (autocast)", type=str, choices=("none", "bf16"))
+    seed: int = _opt(0, "seed of the model initialization, the data order and the Hessian probes", type=int)
+    # run
+    device: str = _opt("auto", "auto (cuda when available) | cpu | cuda | cuda:N", type=str)
+    output_dir: Optional[str] = _opt(None, "where config.json, metrics.jsonl, checkpoint.pt and plots go", type=str)
+    resume: bool = _opt(False, "continue from output_dir/checkpoint.pt (bit-exact on CPU)", type=bool)
+    max_steps_per_epoch: Optional[int] = _opt(None, "stop each epoch after this many steps (tests, smoke runs)", type=int)
+    eval_batch_size: int = _opt(1000, "batch size for evaluation", type=int)
+    progress: bool = _opt(True, "tqdm progress bars", type=bool)
+    plots: bool = _opt(True, "write the plots at the end (needs matplotlib)", type=bool)
+    tensorboard: bool = _opt(True, "also log curvature to output_dir/tensorboard when tensorboard is installed", type=bool)
+    # curvature (hessopt.CurvatureMonitor)
+    curvature_every: int = _opt(0, "evaluate curvature every N steps (0: off)", type=int)
+    curvature_k: int = _opt(5, "number of top Hessian eigenvalues", type=int)
+    curvature_batch_size: int = _opt(128, "held-out images for the curvature (the first of the test split)", type=int)
+    curvature_trace_matvecs: int = _opt(30, "Hutch++ budget for the trace", type=int)
+    curvature_density: bool = _opt(False, "also record the spectral density (60 Lanczos steps)", type=bool)
+
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # Yao et al. 2021, CIFAR-10: weight decay 5e-4 applied as theta -= lr * (5e-4 / lr0) * theta,
+    # i.e. decoupled weight decay 5e-4 / 0.15 (lr0 = 0.15)
+    "paper_adahessian_cifar": dict(dataset="cifar10", model="cifar_resnet20", opt="adahessian", lr=0.15,
+                                   betas=(0.9, 0.999), eps=1e-4, weight_decay=5e-4 / 0.15, batch_size=256,
+                                   epochs=160, milestones=(80, 120)),
+    "paper_sgd_cifar": dict(dataset="cifar10", model="cifar_resnet20", opt="sgd", lr=0.1, momentum=0.9,
+                            nesterov=True, weight_decay=5e-4, batch_size=256, epochs=160, milestones=(80, 120)),
+}
+DEFAULTS = dict(dataset="digits", model="cifar_resnet20", opt="adahessian", epochs=10, batch_size=128)
+OPT_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "adahessian": dict(lr=0.15, weight_decay=5e-4 / 0.15, betas=(0.9, 0.999), eps=1e-4),
+    "sgd": dict(lr=0.1, weight_decay=5e-4, momentum=0.9),
+    "adamw": dict(lr=1e-3, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8),
+    "timm": dict(lr=1e-3, weight_decay=0.05),
+}
+# changing these on --resume would make the checkpoint meaningless
+RESUME_FIXED = ("dataset", "data_dir", "model", "batchnorm", "residual", "opt", "seed", "batch_size")
+
+
+def resolve(cfg: Config) -> Tuple[Config, List[str]]:
+    """Fill every ``None`` from the preset and the defaults; returns the full config and notes."""
+    notes: List[str] = []
+    preset = PRESETS[cfg.preset] if cfg.preset else {}
+    values = dataclasses.asdict(cfg)
+    for key in ("dataset", "model", "opt", "epochs", "batch_size"):
+        if values[key] is None:
+            values[key] = preset.get(key, DEFAULTS[key])
+    opt_defaults = OPT_DEFAULTS.get(values["opt"], OPT_DEFAULTS["timm"])
+    for key in ("lr", "weight_decay", "momentum", "betas", "eps"):
+        if values[key] is None:
+            values[key] = preset.get(key, opt_defaults.get(key))
+    if values["augment"] is None:
+        values["augment"] = values["dataset"] != "digits"
+    epochs = values["epochs"]
+    if values["milestones"] is None:
+        if "milestones" in preset:
+            values["milestones"] = tuple(int(m * epochs / preset["epochs"] + 0.5) for m in preset["milestones"])
+            if epochs != preset["epochs"]:
+                notes.append(f"milestones scaled from {list(preset['milestones'])} of {preset['epochs']} epochs "
+                             f"to {list(values['milestones'])} of {epochs}")
+        else:
+            values["milestones"] = tuple(sorted({int(f * epochs + 0.5) for f in (0.5, 0.75)} - {0, epochs}))
+    values["milestones"] = tuple(values["milestones"])
+    if values["betas"] is not None:
+        values["betas"] = tuple(values["betas"])
+    for key in ("epochs", "batch_size", "update_each", "eval_batch_size", "curvature_batch_size"):
+        if values[key] < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {values[key]}")
+    if values["curvature_every"] < 0:
+        raise ValueError("--curvature-every must be >= 0")
+    return Config(**values), notes
+
+
+# --------------------------------------------------------------------------------------------------
+# command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One option per Config field; only options actually given end up in the namespace."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        meta = dict(f.metadata)
+        flag = "--" + f.name.replace("_", "-")
+        if meta.pop("type") is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=meta["help"])
+        else:
+            parser.add_argument(flag, type=f.metadata["type"], **meta)
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> Config:
+    explicit = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(build_parser().parse_args(argv)).items()}
+    base = Config()
+    if explicit.get("resume"):
+        if not explicit.get("output_dir"):
+            raise SystemExit("--resume needs --output-dir (the run to continue)")
+        saved = Path(explicit["output_dir"]) / "config.json"
+        if saved.exists():
+            given = json.loads(saved.read_text())["config"]
+            base = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+    return dataclasses.replace(base, **explicit)
+
+
+# --------------------------------------------------------------------------------------------------
+# setup
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(cfg: Config) -> Tuple[Dist, torch.device]:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; one process per GPU (nccl) or per CPU slot (gloo)."""
+    dist = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+    wanted = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(wanted)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", dist.local_rank)
+    if dist.world_size > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist, device
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    if cfg.opt == "adahessian":
+        return hessopt.AdaHessian(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay, update_each=cfg.update_each, seed=cfg.seed)
+    if cfg.opt == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    if cfg.opt == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    try:
+        import timm.optim
+    except ImportError as err:
+        raise ImportError(f"--opt {cfg.opt} would come from timm: pip install hessopt[timm]") from err
+    if cfg.opt.startswith("hessopt_"):
+        from hessopt.integrations.timm import register
+
+        register()
+    return timm.optim.create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: Config):
+    """lr multiplier of epoch ``e`` (0-based): gamma ** (number of milestones <= e)."""
+    return lambda e: cfg.gamma ** sum(1 for m in cfg.milestones if m <= e)
+
+
+# --------------------------------------------------------------------------------------------------
+# one epoch
+
+
+def train_epoch(cfg, model, opt, loader, criterion, autocast, monitor, counters, epoch, dist, device):
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen, curvature_time = 0, 0.0
+    closure_driven = isinstance(opt, hessopt.AdaHessian)
+    bar = _progress(loader, cfg.progress and dist.main, f"epoch {epoch + 1}/{cfg.epochs}")
+    for x, y in bar:
+        if closure_driven:
+            # AdaHessian runs the closure with a graph-building backward only on Hessian steps
+            # (opt.needs_hessian), so lazy updates (--update-each K) skip the double backward.
+            outputs = {}
+
+            def closure():
+                opt.zero_grad(set_to_none=True)
+                with autocast():
+                    out = model(x)
+                    loss = criterion(out, y)
+                loss.backward()
+                outputs["logits"] = out.detach()
+                return loss
+
+            loss = opt.step(closure)
+            logits = outputs["logits"]
+        else:
+            opt.zero_grad(set_to_none=True)
+            with autocast():
+                logits = model(x)
+                loss = criterion(logits, y)
+            # timm's convention for second-order optimizers; False for SGD/AdamW
+            second_order = bool(getattr(opt, "needs_hessian", getattr(opt, "is_second_order", False)))
+            loss.backward(create_graph=second_order)
+            opt.step()
+            if second_order:
+                opt.zero_grad(set_to_none=True)  # frees the double-backward graph
+            logits = logits.detach()
+        counters["step"] += 1
+        loss_sum += loss.detach().double() * y.numel()
+        correct += (logits.argmax(1) == y).sum()
+        seen += y.numel()
+        if monitor is not None and monitor.due(counters["step"]):
+            start = time.perf_counter()
+            monitor.step(counters["step"], epoch=epoch + 1)
+            curvature_time += time.perf_counter() - start
+        if hasattr(bar, "set_postfix") and counters["step"] % 10 == 0:
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+    totals = _all_reduce([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)], dist)
+    return float(totals[0] / totals[2]), float(totals[1] / totals[2]), curvature_time
+
+
+@torch.no_grad()
+def evaluate(model, loader, criterion, autocast, dist, device) -> Tuple[float, float]:
+    model.eval()  # the unwrapped module: no DDP collectives, ranks may see different batch counts
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
+    seen = torch.zeros((), dtype=torch.float64, device=device)
+    for x, y in loader:
+        with autocast():
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        correct += (logits.argmax(1) == y).sum().double()
+        seen += y.numel()
+    loss_sum, correct, seen = _all_reduce([loss_sum, correct, seen], dist)
+    return float(loss_sum / seen), float(correct / seen)
+
+
+def _all_reduce(tensors: List[torch.Tensor], dist: Dist) -> List[torch.Tensor]:
+    if dist.world_size == 1:
+        return tensors
+    from hessopt.distributed import all_reduce_sum
+
+    return all_reduce_sum(tensors)
+
+
+def _progress(iterable, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def rng_states(device: torch.device) -> Dict[str, Any]:
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: Dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
+    """torch.save to a temporary file, then os.replace: a crash never leaves a truncated checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _truncate_jsonl(path: Path, keep) -> None:
+    """Drop records written after the checkpoint (a run interrupted between log and checkpoint)."""
+    if path.exists():
+        kept = [r for r in read_jsonl(path) if keep(r)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+# --------------------------------------------------------------------------------------------------
+# main
+
+
+def main(cfg: Config) -> Dict[str, Any]:
+    """Train as ``cfg`` says; returns the last epoch record (plus ``output_dir``)."""
+    given = cfg
+    cfg, notes = resolve(cfg)
+    dist, device = setup_distributed(cfg)
+    log = print if dist.main else (lambda *a, **k: None)
+    for note in notes:
+        log(f"note: {note}")
+    out = Path(cfg.output_dir) if cfg.output_dir else None
+    ckpt_path = out / "checkpoint.pt" if out else None
+    checkpoint = None
+    if cfg.resume:
+        if ckpt_path is None or not ckpt_path.exists():
+            raise ValueError(f"--resume: no checkpoint at {ckpt_path}; start without --resume")
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
+        before = checkpoint["resolved"]
+        changed = [k for k in RESUME_FIXED if before.get(k) != dataclasses.asdict(cfg)[k]]
+        if changed:
+            raise ValueError(f"--resume with a different {', '.join(changed)} than the checkpoint "
+                             f"({', '.join(f'{k}={before.get(k)!r}' for k in changed)}): start a new --output-dir")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fastest kernels; GPU runs are then not bit-reproducible
+
+    # data: rank 0 decodes (and caches) first, the others read the cache
+    if dist.world_size > 1 and not dist.main:
+        torch.distributed.barrier()
+    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.cache_dir)
+    if dist.world_size > 1 and dist.main:
+        torch.distributed.barrier()
+    pad = 4 if data.image_size[0] >= 16 else 1
+    train_loader = DeviceLoader(data.train_x, data.train_y, cfg.batch_size, data.mean, data.std, shuffle=True,
+                                augment=cfg.augment, pad=pad, flip=cfg.dataset != "digits", seed=cfg.seed,
+                                device=device, rank=dist.rank, world_size=dist.world_size,
+                                max_batches=cfg.max_steps_per_epoch)
+    test_shard = slice(dist.rank, None, dist.world_size)
+    test_loader = DeviceLoader(data.test_x[test_shard], data.test_y[test_shard], cfg.eval_batch_size, data.mean,
+                               data.std, device=device)
+
+    # model and optimizer (same seed on every rank: identical initial weights)
+    torch.manual_seed(cfg.seed)
+    model_args = dict(name=cfg.model, num_classes=data.num_classes, in_chans=data.in_chans,
+                      batchnorm=cfg.batchnorm, residual=cfg.residual)
+    net = build_model(**model_args).to(device)
+    model = net
+    if dist.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = build_optimizer(cfg, net)
+    if cfg.curvature_every > 0 and dist.world_size > 1 and isinstance(opt, hessopt.AdaHessian):
+        # Known issue: under torch.distributed, AdaHessian's gradient hooks (hessopt.distributed.OptimizerSync)
+        # detach every graph-carrying gradient of the parameters, so the monitor's HVPs would come out zero.
+        raise ValueError("--curvature-every with AdaHessian under torchrun is not supported yet (the optimizer's "
+                         "distributed gradient hooks break the monitor's Hessian-vector products): track the "
+                         "curvature in a single-process run, or use --opt sgd/adamw under torchrun")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
+    criterion = nn.CrossEntropyLoss()
+    amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else None
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+
+    counters = {"step": 0}
+    start_epoch = 0
+    if checkpoint is not None:
+        net.load_state_dict(checkpoint["model"])
+        opt.load_state_dict(checkpoint["optimizer"])
+        sched.load_state_dict(checkpoint["scheduler"])
+        train_loader.load_state_dict(checkpoint["loader"])
+        set_rng_states(checkpoint["rng"], device)
+        start_epoch, counters["step"] = checkpoint["epoch"], checkpoint["step"]
+        for group in opt.param_groups:  # the (possibly extended) schedule decides the lr from here on
+            group["lr"] = group["initial_lr"] * lr_factor(cfg)(start_epoch)
+        log(f"resumed from {ckpt_path} after epoch {start_epoch} (step {counters['step']})")
+
+    record = {}
+    if out is not None and dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps({"config": dataclasses.asdict(given),
+                                                     "resolved": dataclasses.asdict(cfg),
+                                                     "model_args": model_args, "notes": notes}, indent=2))
+        if checkpoint is not None:
+            _truncate_jsonl(out / "metrics.jsonl", lambda r: r.get("epoch", 0) <= start_epoch)
+            _truncate_jsonl(out / "curvature.jsonl", lambda r: r.get("step", 0) <= counters["step"])
+        else:
+            for name in ("metrics.jsonl", "curvature.jsonl"):
+                (out / name).unlink(missing_ok=True)
+
+    monitor = None
+    if cfg.curvature_every > 0:
+        held_out = test_loader.images.shape[0]
+        n = min(cfg.curvature_batch_size // dist.world_size, held_out)  # each rank its share of the held-out images
+        probe_loader = DeviceLoader(test_loader.images[:n], test_loader.labels[:n], n, data.mean, data.std, device=device)
+        monitor = CurvatureMonitor(net, criterion, next(iter(probe_loader)), every=cfg.curvature_every,
+                                   k=cfg.curvature_k, trace_matvecs=cfg.curvature_trace_matvecs,
+                                   density=cfg.curvature_density, seed=cfg.seed,
+                                   log_path=out / "curvature.jsonl" if out and dist.main else None,
+                                   tensorboard=None if dist.main and cfg.tensorboard else False)
+        if start_epoch == 0:
+            monitor.step(0, epoch=0)  # the spectrum at initialization
+
+    log(f"{cfg.model} on {cfg.dataset} ({len(data.train_y)} train / {len(data.test_y)} test), {cfg.opt} "
+        f"lr {cfg.lr:g} wd {cfg.weight_decay:g}, batch {cfg.batch_size}, {cfg.epochs} epochs, "
+        f"milestones {list(cfg.milestones)}, device {device}, {dist.world_size} process(es)")
+    for epoch in range(start_epoch, cfg.epochs):
+        start = time.perf_counter()
+        lr = opt.param_groups[0]["lr"]
+        train_loss, train_acc, curvature_time = train_epoch(cfg, model, opt, train_loader, criterion, autocast,
+                                                            monitor, counters, epoch, dist, device)
+        sched.step()
+        val_loss, val_acc = evaluate(net, test_loader, criterion, autocast, dist, device)
+        elapsed = time.perf_counter() - start - curvature_time
+        record = {"epoch": epoch + 1, "step": counters["step"], "train_loss": train_loss, "train_acc": train_acc,
+                  "val_loss": val_loss, "val_acc": val_acc, "lr": lr, "time_s": elapsed,
+                  "curvature_time_s": curvature_time}
+        log(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f} acc {100 * train_acc:.2f}%  "
+            f"val loss {val_loss:.4f} acc {100 * val_acc:.2f}%  lr {lr:.4g}  {elapsed:.1f}s"
+            + (f" (+{curvature_time:.1f}s curvature)" if curvature_time else ""))
+        if out is not None and dist.main:
+            with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            save_checkpoint(ckpt_path, {
+                "model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "loader": train_loader.state_dict(), "rng": rng_states(device), "epoch": epoch + 1,
+                "step": counters["step"], "config": dataclasses.asdict(given), "resolved": dataclasses.asdict(cfg),
+                "model_args": model_args, "dataset_args": dict(name=cfg.dataset, data_dir=cfg.data_dir),
+                "metrics": record, "hessopt_version": hessopt.__version__,
+            })
+    if monitor is not None:
+        monitor.close()
+    if out is not None and dist.main and cfg.plots:
+        try:
+            written = plot_run(out)
+            log("plots: " + ", ".join(p.name for p in written))
+        except ImportError as err:
+            log(f"no plots: {err}")
+    if dist.world_size > 1:
+        torch.distributed.destroy_process_group()
+    return {**record, "output_dir": str(out) if out else None}
+
+
+if __name__ == "__main__":
+    main(parse_args())
