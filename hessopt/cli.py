@@ -4,7 +4,7 @@
 classification recipe (``recipes/image_classification/train.py``: a dict with ``model`` (state
 dict), ``config`` (``model``, ``dataset``, ``data_dir``, ``batchnorm``, ``residual``, ...) and
 ``epoch``), rebuilds the network with :func:`hessopt.zoo.build_model`, takes ``--num-batches``
-batches of ``--batch-size`` test images (normalized with the training set's mean and standard
+batches of ``--batch-size`` test images (a fixed random subset chosen by ``--seed``, normalized with the training set's mean and standard
 deviation, as in training, without augmentation), and writes
 
 * ``DIR/report.json``: ``top_eigenvalues``, ``trace`` (with ``std_error``), ``density``
@@ -285,11 +285,21 @@ def _build(config: Dict[str, Any], model_name: Optional[str], data, state: Dict[
     return model.to(device)
 
 
-def _test_batches(data, batch_size: int, num_batches: int, device) -> List[Tuple[Any, Any]]:
+def analysis_subset(num_images: int, count: int, seed: int):
+    """Indices of the analyzed test images: a fixed random subset (data sets stored class by class,
+    like CIFAR-10's JPEG folders, would give one class if the first images were taken)."""
+    import torch
+
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))
+    return order[: min(count, num_images)]
+
+
+def _test_batches(data, batch_size: int, num_batches: int, device, seed: int) -> List[Tuple[Any, Any]]:
     from .zoo import DeviceLoader
 
-    loader = DeviceLoader(data.test_x, data.test_y, batch_size, data.mean, data.std,
-                          shuffle=False, augment=False, drop_last=False, device=device, max_batches=num_batches)
+    idx = analysis_subset(data.test_x.shape[0], batch_size * num_batches, seed)
+    loader = DeviceLoader(data.test_x[idx], data.test_y[idx], batch_size, data.mean, data.std,
+                          shuffle=False, augment=False, drop_last=False, device=device)
     return list(loader)
 
 
@@ -343,7 +353,7 @@ def analyze(args: argparse.Namespace) -> Dict[str, Any]:
             data_dir = None  # trained elsewhere (e.g. on a GPU machine): fall back to the dataset's default
     data = _load_data(dataset, data_dir, args.cache_dir)
     model = _build(config, args.model, data, ckpt["model"], device)
-    batches = _test_batches(data, args.batch_size, args.num_batches, device)
+    batches = _test_batches(data, args.batch_size, args.num_batches, device, args.seed)
     num_samples = sum(int(y.shape[0]) for _, y in batches)
     loss_fn = nn.CrossEntropyLoss()
     out = Path(args.out)
@@ -453,7 +463,8 @@ def _markdown(report: Dict[str, Any], table) -> str:
         f"# Hessian analysis: {report['model']} on {report['dataset']}",
         "",
         f"Checkpoint `{report['checkpoint']}` (epoch {report['epoch']}), {report['num_params']:,} parameters. "
-        f"Hessian of the mean cross-entropy over {report['num_samples']} test images "
+        f"Hessian of the mean cross-entropy over {report['num_samples']} test images (a fixed random subset, seed "
+        f"{report['seed']}) "
         f"({report['num_batches']} batches of {report['batch_size']}), BatchNorm in {report['bn_mode']} mode, "
         f"device {report['device']}, seed {report['seed']}. Loss {report['loss']:.4f}, accuracy "
         f"{100 * report['accuracy']:.2f}% on these images.",

@@ -10,7 +10,7 @@ from torch import nn
 
 import hessopt
 from hessopt import zoo
-from hessopt.cli import main
+from hessopt.cli import main, analysis_subset
 
 
 def _recipe():
@@ -75,8 +75,10 @@ def test_analyze_end_to_end(checkpoint, tmp_path):
     model = zoo.build_model("digits_cnn", data.num_classes, in_chans=1)
     model.load_state_dict(ckpt["model"])
     mean, std = torch.tensor(data.mean).view(1, -1, 1, 1), torch.tensor(data.std).view(1, -1, 1, 1)
-    x = (data.test_x[:64].float() / 255 - mean) / std
-    op = hessopt.HessianOperator(model, nn.CrossEntropyLoss(), (x, data.test_y[:64]))
+    idx = analysis_subset(data.test_x.shape[0], 64, seed=3)
+    assert len(set(data.test_y[idx].tolist())) == 10  # a random subset, not the first images
+    x = (data.test_x[idx].float() / 255 - mean) / std
+    op = hessopt.HessianOperator(model, nn.CrossEntropyLoss(), (x, data.test_y[idx]))
     ref = hessopt.top_eigenvalues(op, k=2, tol=1e-5, generator=0).eigenvalues
     assert top == pytest.approx(ref.tolist(), rel=5e-3)
     assert report["loss"] == pytest.approx(op.loss(), rel=1e-4)

@@ -1,0 +1,124 @@
+"""Helpers shared by the reproduction scripts in recipes/analysis (training loops, data, JSON, timing).
+
+Not part of the hessopt package: small, explicit code the scripts import with
+``sys.path.insert(0, <this folder>)``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+import hessopt
+from hessopt.zoo import DeviceLoader, load_dataset
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available here")
+    return device
+
+
+def eval_batches(data, split: str, num: int, batch_size: int, device, offset: int = 0,
+                 seed: int = 1234) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """``num`` batches of normalized, non-augmented images from ``split`` ("train" or "test"),
+    a fixed random subset (the same for every model of a study)."""
+    x = data.train_x if split == "train" else data.test_x
+    y = data.train_y if split == "train" else data.test_y
+    # a fixed random subset: CIFAR-10's JPEG folders are stored class by class
+    idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[offset:offset + num * batch_size]
+    loader = DeviceLoader(x[idx], y[idx], batch_size, data.mean, data.std,
+                          shuffle=False, augment=False, drop_last=False, device=device)
+    return list(loader)
+
+
+def accuracy(model: nn.Module, batches) -> float:
+    was = model.training
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in batches:
+            correct += int((model(x).argmax(1) == y).sum())
+            total += int(y.shape[0])
+    model.train(was)
+    return correct / total
+
+
+def train(
+    model: nn.Module,
+    data,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    device,
+    seed: int,
+    augment: bool,
+    flip: bool = True,
+    weight_decay: float = 5e-4,
+    warmup_epochs: float = 0.0,
+    max_steps_per_epoch: Optional[int] = None,
+    callback=None,
+    callback_every: int = 0,
+    log=print,
+) -> Dict[str, Any]:
+    """SGD (momentum 0.9, nesterov) with a linear warmup then cosine decay; returns a small history.
+
+    ``callback(step, epoch)`` runs every ``callback_every`` optimizer steps (and at step 0),
+    e.g. to measure the Hessian during training.
+    """
+    torch.manual_seed(seed)
+    loader = DeviceLoader(data.train_x, data.train_y, batch_size, data.mean, data.std, shuffle=True,
+                          augment=augment, flip=flip, seed=seed, device=device, max_batches=max_steps_per_epoch)
+    steps_per_epoch = len(loader)
+    total = epochs * steps_per_epoch
+    warm = int(warmup_epochs * steps_per_epoch)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+
+    def lr_at(step):
+        if step < warm:
+            return lr * (step + 1) / warm
+        return 0.5 * lr * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    loss_fn = nn.CrossEntropyLoss()
+    step, history = 0, {"loss": []}
+    model.train()
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
+        running, count = 0.0, 0
+        for x, y in loader:
+            if callback is not None and callback_every and step % callback_every == 0:
+                callback(step, epoch)
+                model.train()
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            if not torch.isfinite(loss):
+                log(f"  non-finite loss at step {step}: stopping this run")
+                history["diverged"] = True
+                return history
+            loss.backward()
+            opt.step()
+            running += float(loss.detach()) * y.shape[0]
+            count += y.shape[0]
+            step += 1
+        history["loss"].append(running / max(count, 1))
+    if callback is not None and callback_every:
+        callback(step, epochs)
+    history["seconds"] = time.perf_counter() - t0
+    history["steps"] = step
+    return history
+
+
+def save_json(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1))

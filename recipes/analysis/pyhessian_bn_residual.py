@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""PyHessian (Yao et al. 2020, section 4): does BatchNorm smooth the landscape? do residual connections?
+
+Trains CIFAR ResNets of several depths in four variants (BatchNorm on/off x residual connections
+on/off, built by :func:`hessopt.zoo.build_model`) for a few epochs on CIFAR-10, then measures the
+Hessian of the training loss on a fixed set of training images (no augmentation, BatchNorm with
+running statistics): top eigenvalue (Lanczos, residual-checked), trace (Hutch++, with standard
+error) and the eigenvalue density (SLQ). PyHessian's finding to test: without BN, shallow nets are
+*flatter* (smaller top eigenvalue and trace) than with BN, deep nets are much sharper; removing the
+residual connections makes the deep nets sharper still: "BN does not always smooth; residual
+connections do".
+
+Scale (honest): PyHessian trained each model to convergence (~160+ epochs); the default here is
+3 epochs per model (about 4 minutes for all 12 models on one H100), so these are spectra early in
+training. Use --epochs to go further.
+
+GPU (about 4 min on one H100):
+    python recipes/analysis/pyhessian_bn_residual.py --device cuda --data-dir ../shared/data/cifar10-jpeg.tar.xz \\
+        --out runs/pyhessian_bn_residual
+CPU smoke test (digits, about a minute):
+    python recipes/analysis/pyhessian_bn_residual.py --device cpu --dataset digits --depths 8 14 --epochs 1 \\
+        --hessian-samples 128 --density-steps 20 --trace-matvecs 9 --out /tmp/pyh
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import hessopt  # noqa: E402
+from hessopt.zoo import build_model, load_dataset  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--depths", nargs="+", type=int, default=[20, 32, 56])
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate with BatchNorm")
+    p.add_argument("--lr-no-bn", type=float, default=0.05, help="peak SGD learning rate without BatchNorm")
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--hessian-samples", type=int, default=512, help="training images the Hessian is taken on")
+    p.add_argument("--hessian-batch", type=int, default=256)
+    p.add_argument("--trace-matvecs", type=int, default=30)
+    p.add_argument("--density-steps", type=int, default=40)
+    p.add_argument("--bn-mode", choices=["eval", "train"], default="eval")
+    p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cut epochs short (smoke tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/pyhessian_bn_residual")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    device = common.pick_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    data = load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir)
+    augment = args.dataset == "cifar10"
+    hess_data = common.eval_batches(data, "train", max(1, args.hessian_samples // args.hessian_batch),
+                                    min(args.hessian_batch, args.hessian_samples), device)
+    test = common.eval_batches(data, "test", 8, 500, device)
+    print(f"data {args.dataset}: {data.train_x.shape[0]} train images; Hessian on "
+          f"{sum(len(y) for _, y in hess_data)} of them; device {device}", flush=True)
+    results = {"config": vars(args), "device": str(device), "runs": []}
+    loss_fn = nn.CrossEntropyLoss()
+    for depth, bn, res in itertools.product(args.depths, [True, False], [True, False]):
+        name = f"resnet{depth}{'' if bn else '_noBN'}{'' if res else '_plain'}"
+        torch.manual_seed(args.seed)
+        model = build_model(f"cifar_resnet{depth}", data.num_classes, in_chans=data.in_chans,
+                            batchnorm=bn, residual=res).to(device)
+        t0 = time.perf_counter()
+        hist = common.train(model, data, epochs=args.epochs, batch_size=args.batch_size,
+                            lr=args.lr if bn else args.lr_no_bn, device=device, seed=args.seed, augment=augment,
+                            flip=augment, warmup_epochs=args.warmup_epochs,
+                            max_steps_per_epoch=args.max_steps_per_epoch)
+        train_s = time.perf_counter() - t0
+        row = {"name": name, "depth": depth, "batchnorm": bn, "residual": res, "train_seconds": train_s,
+               "final_train_loss": hist["loss"][-1] if hist["loss"] else None,
+               "diverged": bool(hist.get("diverged", False))}
+        if not row["diverged"]:
+            row["test_accuracy"] = common.accuracy(model, test)
+            t0 = time.perf_counter()
+            op = hessopt.HessianOperator(model, loss_fn, hess_data, bn_mode=args.bn_mode)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                top = hessopt.top_eigenvalues(op, k=1, tol=1e-3, max_matvecs=60, generator=args.seed)
+            tr = hessopt.trace(op, num_matvecs=args.trace_matvecs, generator=args.seed)
+            dens = hessopt.spectral_density(op, num_runs=1, num_steps=args.density_steps, generator=args.seed)
+            row.update({
+                "loss": op.loss(),
+                "top_eigenvalue": float(top.eigenvalues[0]),
+                "top_error_bound": float(top.error_bounds[0]),
+                "top_converged": top.converged,
+                "trace": tr.estimate, "trace_std_error": tr.std_error,
+                "density": {"grid": dens.grid.tolist(), "density": dens.density.tolist(),
+                            "nodes": [t.tolist() for t in dens.nodes], "weights": [w.tolist() for w in dens.weights]},
+                "hessian_matvecs": top.num_matvecs + tr.num_matvecs + dens.num_matvecs,
+                "hessian_seconds": time.perf_counter() - t0,
+            })
+            print(f"{name:24s} train {train_s:6.1f}s loss {row['final_train_loss']:.3f} test acc "
+                  f"{row['test_accuracy']:.3f} | λ1 {row['top_eigenvalue']:9.3f} trace {tr.estimate:10.1f} ± "
+                  f"{tr.std_error:6.1f} ({row['hessian_seconds']:.1f}s)", flush=True)
+        else:
+            print(f"{name:24s} diverged", flush=True)
+        results["runs"].append(row)
+        common.save_json(results, out / "results.json")
+    results["seconds"] = time.perf_counter() - started
+    common.save_json(results, out / "results.json")
+    summary = summarize(results)
+    (out / "summary.md").write_text(summary)
+    print(summary)
+    if not args.no_plots:
+        plot(results, out)
+    print(f"done in {results['seconds']:.0f} s; wrote {out}")
+    return results
+
+
+def summarize(results) -> str:
+    lines = ["| model | BN | residual | train loss | test acc | top eigenvalue | trace ± s.e. |",
+             "|---|:-:|:-:|---:|---:|---:|---:|"]
+    for r in results["runs"]:
+        if r["diverged"]:
+            lines.append(f"| {r['name']} | {'yes' if r['batchnorm'] else 'no'} | {'yes' if r['residual'] else 'no'} | diverged | | | |")
+            continue
+        lines.append(
+            f"| {r['name']} | {'yes' if r['batchnorm'] else 'no'} | {'yes' if r['residual'] else 'no'} "
+            f"| {r['final_train_loss']:.3f} | {100 * r['test_accuracy']:.1f}% | {r['top_eigenvalue']:.4g} "
+            f"| {r['trace']:.4g} ± {r['trace_std_error']:.2g} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results, out: Path):
+    from matplotlib.figure import Figure
+
+    runs = [r for r in results["runs"] if not r["diverged"]]
+    depths = sorted({r["depth"] for r in runs})
+    fig = Figure(figsize=(3.2 * len(depths), 2.8), dpi=80, layout="constrained")
+    axes = fig.subplots(1, len(depths), squeeze=False)[0]
+    for ax, depth in zip(axes, depths):
+        for r in (r for r in runs if r["depth"] == depth):
+            d = r["density"]
+            ax.semilogy(d["grid"], [max(v, 1e-8) for v in d["density"]], lw=1,
+                        label=f"{'BN' if r['batchnorm'] else 'no BN'}, {'res' if r['residual'] else 'plain'}")
+        ax.set_ylim(bottom=1e-8)
+        ax.set_title(f"ResNet{depth}: Hessian ESD", fontsize=9)
+        ax.set_xlabel("eigenvalue")
+        ax.legend(fontsize=6)
+    fig.savefig(out / "pyhessian_density.png")
+    fig = Figure(figsize=(7, 2.6), dpi=80, layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+    for bn, res in itertools.product([True, False], [True, False]):
+        rs = sorted((r for r in runs if r["batchnorm"] == bn and r["residual"] == res), key=lambda r: r["depth"])
+        label = f"{'BN' if bn else 'no BN'}, {'res' if res else 'plain'}"
+        ax1.semilogy([r["depth"] for r in rs], [max(r["top_eigenvalue"], 1e-6) for r in rs], "o-", label=label)
+        ax2.semilogy([r["depth"] for r in rs], [max(r["trace"], 1e-6) for r in rs], "o-", label=label)
+    ax1.set_title("top eigenvalue", fontsize=9)
+    ax2.set_title("trace", fontsize=9)
+    for ax in (ax1, ax2):
+        ax.set_xlabel("depth")
+        ax.legend(fontsize=6)
+    fig.savefig(out / "pyhessian_top_trace.png")
+
+
+if __name__ == "__main__":
+    main()
