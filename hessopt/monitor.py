@@ -248,6 +248,14 @@ class CurvatureMonitor:
             "trace_std_error": float(tr.std_error),
             "loss": op.loss(),
         }
+        if record["trace"] == 0.0 and all(v == 0.0 for v in record["top_eigenvalues"]):
+            warnings.warn(
+                f"CurvatureMonitor at step {step}: every Hessian-vector product was exactly zero. The loss may "
+                "not depend on the selected parameters, or a gradient hook detaches the gradients that "
+                "torch.autograd.grad returns (the HVP needs their graph)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         matvecs = eig.num_matvecs + tr.num_matvecs
         if self.density:
             d = spectral_density(op, num_runs=1, num_steps=self.density_steps, generator=self._generator(step, 2))

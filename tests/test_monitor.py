@@ -191,3 +191,13 @@ def test_plots_from_a_run_directory(tmp_path):
     written = plot_run(tmp_path)
     assert sorted(p.name for p in written) == ["curvature.png", "density.png", "training.png"]
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+def test_all_zero_products_are_flagged():
+    model, x, y = _tiny_problem()
+    handles = [p.register_hook(lambda g: g.detach() * 0) for p in model.parameters()]  # kills the graph
+    mon = CurvatureMonitor(model, nn.CrossEntropyLoss(), (x, y), k=2, max_matvecs=6, trace_matvecs=4, tensorboard=False)
+    with pytest.warns(RuntimeWarning, match="exactly zero"):
+        mon.compute(0)
+    for h in handles:
+        h.remove()
