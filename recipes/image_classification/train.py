@@ -98,7 +98,7 @@ class Config:
     # curvature (hessopt.CurvatureMonitor)
     curvature_every: int = _opt(0, "evaluate curvature every N steps (0: off)", type=int)
     curvature_k: int = _opt(5, "number of top Hessian eigenvalues", type=int)
-    curvature_batch_size: int = _opt(128, "held-out images for the curvature (the first of the test split)", type=int)
+    curvature_batch_size: int = _opt(128, "held-out images for the curvature (a fixed random subset of the test split)", type=int)
     curvature_trace_matvecs: int = _opt(30, "Hutch++ budget for the trace", type=int)
     curvature_density: bool = _opt(False, "also record the spectral density (60 Lanczos steps)", type=bool)
 
@@ -451,9 +451,11 @@ def main(cfg: Config) -> Dict[str, Any]:
 
     monitor = None
     if cfg.curvature_every > 0:
-        held_out = test_loader.images.shape[0]
-        n = min(cfg.curvature_batch_size // dist.world_size, held_out)  # each rank its share of the held-out images
-        probe_loader = DeviceLoader(test_loader.images[:n], test_loader.labels[:n], n, data.mean, data.std, device=device)
+        # a fixed random subset of the test split (CIFAR-10's test images are stored class by class);
+        # each rank takes its share, and the Hessian operator averages over the ranks
+        pick = torch.randperm(len(data.test_y), generator=torch.Generator().manual_seed(cfg.seed))
+        mine = pick[: cfg.curvature_batch_size][dist.rank :: dist.world_size]
+        probe_loader = DeviceLoader(data.test_x[mine], data.test_y[mine], len(mine), data.mean, data.std, device=device)
         monitor = CurvatureMonitor(net, criterion, next(iter(probe_loader)), every=cfg.curvature_every,
                                    k=cfg.curvature_k, trace_matvecs=cfg.curvature_trace_matvecs,
                                    density=cfg.curvature_density, seed=cfg.seed,
