@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from . import _batchnorm
+
 __all__ = ["hvp", "hvp_from_grads", "second_order_safe", "gradients_with_graph", "as_param_list"]
 
 TensorList = List[torch.Tensor]
@@ -160,23 +162,25 @@ def _hvp_from_grads(grads, params, vectors, retain_graph: bool, graph_was_built:
     if len(grads) != len(params):
         raise ValueError(f"got {len(grads)} gradients for {len(params)} parameters")
     vectors = _check_vectors(vectors, params)
-    with torch.enable_grad():  # the dot product must join the graph even inside no_grad code (optimizers)
-        terms = [(g * v).sum() for g, v in zip(grads, vectors) if g is not None and g.requires_grad]
-    if not terms and graph_was_built:
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    if not live and graph_was_built:
         # The gradients were built with create_graph=True and still depend on nothing: the loss is
         # linear (or constant) in params, so the Hessian is exactly zero.
         return [torch.zeros_like(p) for p in params]
-    if not terms:
+    if not live:
         raise ValueError(
             "the gradients carry no graph, so their derivative cannot be taken: compute them with "
             "create_graph=True (loss.backward(create_graph=True) or torch.autograd.grad(..., "
             "create_graph=True))"
         )
-    # Summing the per-tensor dot products first gives one backward pass for all blocks.
-    with torch.enable_grad():
-        dot = terms[0] if len(terms) == 1 else torch.stack(terms).sum()
+    # d/dθ <g(θ), v> is the vector-Jacobian product of g with v: seeding the backward of the
+    # gradients with grad_outputs=v is that product in one pass over all blocks, without recording
+    # the dot product (2 kernels and 2 graph nodes per parameter tensor) first.
     with _explain_compile_errors():
-        hv = torch.autograd.grad(dot, params, retain_graph=retain_graph, allow_unused=True)
+        hv = torch.autograd.grad(
+            [grads[i] for i in live], params, grad_outputs=[vectors[i] for i in live],
+            retain_graph=retain_graph, allow_unused=True,
+        )
     return [torch.zeros_like(p) if h is None else h for p, h in zip(params, hv)]
 
 
@@ -277,13 +281,49 @@ def _sdpa_twice_differentiable(
     return _FusedForwardMathBackwardSDPA.apply(query, key, value, attn_mask, is_causal, scale, enable_gqa)
 
 
-class _SDPAMode(TorchFunctionMode):
-    """Routes direct calls of ``torch._C._nn.scaled_dot_product_attention`` (however imported)."""
+# --------------------------------------------------------------------------------------------------
+# Interception of the functions with a twice-differentiable (or faster twice-differentiable) variant
+# --------------------------------------------------------------------------------------------------
+
+#: fast paths behind :func:`second_order_safe` that can be switched off (for comparisons and as an
+#: escape hatch); attention routing is not optional: without it fused attention has no HVP at all
+_FAST_PATHS = {"batchnorm": True}
+
+
+@contextlib.contextmanager
+def fast_paths(batchnorm: Optional[bool] = None) -> Iterator[None]:
+    """Switch hessopt's optional fast paths on or off inside the block (process-wide), e.g.
+    ``with hessopt.hvp.fast_paths(batchnorm=False):`` gives PyTorch's own BatchNorm double backward
+    (:mod:`hessopt._batchnorm` explains the fast one). ``None`` leaves a setting as it is."""
+    saved = dict(_FAST_PATHS)
+    if batchnorm is not None:
+        _FAST_PATHS["batchnorm"] = bool(batchnorm)
+    try:
+        yield
+    finally:
+        _FAST_PATHS.update(saved)
+
+
+def _batch_norm_routed(*args, **kwargs):
+    """``F.batch_norm`` inside :func:`second_order_safe`: the fast double backward when enabled."""
+    if _FAST_PATHS["batchnorm"]:
+        return _batchnorm.batch_norm(*args, **kwargs)
+    return _batchnorm.ORIGINAL_F_BATCH_NORM(*args, **kwargs)
+
+
+class _SecondOrderMode(TorchFunctionMode):
+    """Routes direct calls of the intercepted functions (however imported): scaled-dot-product
+    attention, and ``F.batch_norm`` / ``torch.batch_norm``."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is _ORIGINAL_SDPA:
             return _sdpa_twice_differentiable(*args, **kwargs)
+        if _FAST_PATHS["batchnorm"]:
+            if func is _batchnorm.ORIGINAL_F_BATCH_NORM:
+                return _batchnorm.batch_norm(*args, **kwargs)
+            if func is _batchnorm.ORIGINAL_TORCH_BATCH_NORM:
+                return _batchnorm.torch_batch_norm(*args, **kwargs)
         return func(*args, **kwargs)
 
 
@@ -314,12 +354,14 @@ def second_order_safe() -> Iterator[None]:
     with _patch_lock:
         if _patch_depth == 0:
             F.scaled_dot_product_attention = _sdpa_twice_differentiable
+            F.batch_norm = _batch_norm_routed
         _patch_depth += 1
     try:
-        with _SDPAMode():
+        with _SecondOrderMode():
             yield
     finally:
         with _patch_lock:
             _patch_depth -= 1
             if _patch_depth == 0:
                 F.scaled_dot_product_attention = _ORIGINAL_SDPA
+                F.batch_norm = _batchnorm.ORIGINAL_F_BATCH_NORM
