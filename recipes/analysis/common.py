@@ -93,7 +93,7 @@ def train(
     model.train()
     t0 = time.perf_counter()
     for epoch in range(epochs):
-        running, count = 0.0, 0
+        running, count = torch.zeros((), device=device), 0  # summed on the device: no sync per step
         for x, y in loader:
             if callback is not None and callback_every and step % callback_every == 0:
                 callback(step, epoch)
@@ -102,16 +102,17 @@ def train(
                 g["lr"] = lr_at(step)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
-            if not torch.isfinite(loss):
-                log(f"  non-finite loss at step {step}: stopping this run")
-                history["diverged"] = True
-                return history
             loss.backward()
             opt.step()
-            running += float(loss.detach()) * y.shape[0]
+            running += loss.detach() * y.shape[0]
             count += y.shape[0]
             step += 1
-        history["loss"].append(running / max(count, 1))
+        mean = float(running) / max(count, 1)
+        history["loss"].append(mean)
+        if not math.isfinite(mean):
+            log(f"  non-finite training loss in epoch {epoch + 1}: stopping this run")
+            history["diverged"] = True
+            return history
     if callback is not None and callback_every:
         callback(step, epochs)
     history["seconds"] = time.perf_counter() - t0

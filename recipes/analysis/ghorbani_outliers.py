@@ -116,7 +116,12 @@ def main(argv=None):
         records = []
 
         def callback(step, epoch):
-            rec = measure(model, hess_data, args, step, epoch)
+            try:
+                rec = measure(model, hess_data, args, step, epoch)
+            except hessopt.NonFiniteCurvatureError as err:  # diverged: keep the record, skip it in tables
+                records.append({"step": step, "epoch": epoch, "non_finite": str(err)})
+                print(f"{name:22s} step {step:5d}: non-finite loss/curvature", flush=True)
+                return
             records.append(rec)
             print(f"{name:22s} step {step:5d}: loss {rec['loss']:.3f} λ1..k {rec['eigenvalues'][0]:.3g}..{rec['eigenvalues'][-1]:.3g} "
                   f"bulk(99%) {rec['bulk_edge']:.3g} grad in top-{args.k}: {rec['concentration']:.3f} ({rec['seconds']:.1f}s)",
@@ -150,7 +155,7 @@ def summarize(results) -> str:
     lines = [f"| model | step | loss | λ1 | λ{k} | bulk edge (99% of spectral mass) | λ1 / bulk edge | gradient in top-{k} |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, run in results["runs"].items():
-        for r in run["records"]:
+        for r in (r for r in run["records"] if "non_finite" not in r):
             ratio = r["eigenvalues"][0] / r["bulk_edge"] if r["bulk_edge"] > 0 else float("nan")
             lines.append(f"| {name} | {r['step']} | {r['loss']:.3f} | {r['eigenvalues'][0]:.4g} | {r['eigenvalues'][-1]:.4g} "
                          f"| {r['bulk_edge']:.3g} | {ratio:.3g} | {r['concentration']:.3f} |")
@@ -166,7 +171,9 @@ def plot(results, out: Path):
     fig = Figure(figsize=(10, 2.8), dpi=80, layout="constrained")
     axes = fig.subplots(1, 3)
     for i, name in enumerate(names):
-        recs = results["runs"][name]["records"]
+        recs = [r for r in results["runs"][name]["records"] if "non_finite" not in r]
+        if not recs:
+            continue
         steps = [r["step"] for r in recs]
         top = [r["eigenvalues"][0] for r in recs]
         kth = [r["eigenvalues"][-1] for r in recs]

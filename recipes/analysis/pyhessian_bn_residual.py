@@ -95,11 +95,15 @@ def main(argv=None):
             row["test_accuracy"] = common.accuracy(model, test)
             t0 = time.perf_counter()
             op = hessopt.HessianOperator(model, loss_fn, hess_data, bn_mode=args.bn_mode)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                top = hessopt.top_eigenvalues(op, k=1, tol=1e-3, max_matvecs=60, generator=args.seed)
-            tr = hessopt.trace(op, num_matvecs=args.trace_matvecs, generator=args.seed)
-            dens = hessopt.spectral_density(op, num_runs=1, num_steps=args.density_steps, generator=args.seed)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    top = hessopt.top_eigenvalues(op, k=1, tol=1e-3, max_matvecs=60, generator=args.seed)
+                tr = hessopt.trace(op, num_matvecs=args.trace_matvecs, generator=args.seed)
+                dens = hessopt.spectral_density(op, num_runs=1, num_steps=args.density_steps, generator=args.seed)
+            except hessopt.NonFiniteCurvatureError as err:
+                row["diverged"], row["non_finite"] = True, str(err)
+        if not row["diverged"]:
             row.update({
                 "loss": op.loss(),
                 "top_eigenvalue": float(top.eigenvalues[0]),
