@@ -26,6 +26,16 @@ from hessopt.integrations.fairseq.optimizer import (  # noqa: E402
     check_fairseq_options,
 )
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: one intra-op thread is fastest, and on a shared 2-core machine OpenMP's spinning
+    # threads make a step up to 100x slower under load
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 FAIRSEQ_DEFAULTS = dict(
     seed=1, fp16=False, bf16=False, memory_efficient_fp16=False, memory_efficient_bf16=False, amp=False,
     tpu=False, ddp_backend="pytorch_ddp", zero_sharding="none", use_bmuf=False,
