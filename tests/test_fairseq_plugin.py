@@ -26,6 +26,7 @@ from hessopt.integrations.fairseq.optimizer import (  # noqa: E402
     check_fairseq_options,
 )
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     # tiny models: one intra-op thread is fastest, and on a shared 2-core machine OpenMP's spinning

@@ -127,6 +127,18 @@ def test_half_precision_is_rejected_at_startup(tmp_path, flags, match):
     assert not (tmp_path / "checkpoint_last.pt").exists()  # raised before any update
 
 
+@pytest.mark.parametrize("flags", [["--fp16", "--fp16-no-flatten-grads"], ["--amp"]], ids=["fp16", "amp"])
+def test_half_precision_wrappers_really_lose_the_graph(tmp_path, monkeypatch, flags):
+    """Evidence for the start-up error: with the check disabled, fairseq's FP16Optimizer / AMPOptimizer
+    hand AdaHessian gradients without their graph (they run their own plain backward)."""
+    import hessopt
+    from hessopt.integrations.fairseq import optimizer as plugin
+
+    monkeypatch.setattr(plugin, "check_fairseq_options", lambda cfg: None)
+    with pytest.raises(hessopt.SecondOrderGraphError, match="without it"):
+        fairseq_train(DUMMY_MT + TINY_MODEL + ADAHESSIAN + COMMON + flags + ["--max-update", "2", "--save-dir", tmp_path])
+
+
 def _params(path):
     return {k: v for k, v in load(path)["model"].items()}
 

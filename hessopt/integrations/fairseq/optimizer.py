@@ -72,6 +72,10 @@ checkpoints / ``--restore-file``  supported, optimizer state incl. probe generat
 
 Rejections raise :class:`UnsupportedFairseqOption` (a ``ValueError``) when fairseq builds the
 optimizer, which ``fairseq-train`` does at start-up (``trainer.get_lr()``), before the first update.
+They are not over-cautious: with the check disabled, ``--fp16`` and ``--amp`` runs reach the first
+Hessian step with graph-less gradients and stop with :class:`hessopt.SecondOrderGraphError`, and
+``--memory-efficient-fp16`` stops in fairseq itself ("Unsupported optimizer", since
+:attr:`FairseqAdaHessian.supports_memory_efficient_fp16` is False); see tests/test_fairseq_train.py.
 """
 
 import contextlib
