@@ -295,7 +295,6 @@ def batch_norm(
 def torch_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled=True):
     """Drop-in for ``torch.batch_norm`` (argument order of the aten op)."""
     if not _use_fast_path(input, weight, bias, running_mean, running_var, training):
-        with torch._C.DisableTorchFunction():
-            return ORIGINAL_TORCH_BATCH_NORM(input, weight, bias, running_mean, running_var, training, momentum, eps,
-                                             cudnn_enabled)
+        return ORIGINAL_TORCH_BATCH_NORM(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                                         cudnn_enabled)
     return _BatchNorm.apply(input, weight, bias, running_mean, running_var, bool(training), momentum, eps)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from . import _batchnorm
+from . import _batchnorm, _conv, _relu
 
 __all__ = ["hvp", "hvp_from_grads", "second_order_safe", "gradients_with_graph", "as_param_list"]
 
@@ -287,44 +287,78 @@ def _sdpa_twice_differentiable(
 
 #: fast paths behind :func:`second_order_safe` that can be switched off (for comparisons and as an
 #: escape hatch); attention routing is not optional: without it fused attention has no HVP at all
-_FAST_PATHS = {"batchnorm": True}
+_FAST_PATHS = {"batchnorm": True, "conv": True, "relu": True}
 
 
 @contextlib.contextmanager
-def fast_paths(batchnorm: Optional[bool] = None) -> Iterator[None]:
-    """Switch hessopt's optional fast paths on or off inside the block (process-wide), e.g.
-    ``with hessopt.hvp.fast_paths(batchnorm=False):`` gives PyTorch's own BatchNorm double backward
-    (:mod:`hessopt._batchnorm` explains the fast one). ``None`` leaves a setting as it is."""
+def fast_paths(
+    batchnorm: Optional[bool] = None, conv: Optional[bool] = None, relu: Optional[bool] = None
+) -> Iterator[None]:
+    """Switch hessopt's optional fast paths on or off inside the block (process-wide).
+
+    All are on by default; each gives exactly PyTorch's derivatives, faster: ``batchnorm``
+    (:mod:`hessopt._batchnorm`: closed-form double backward), ``conv`` (:mod:`hessopt._conv`:
+    double backward from PyTorch's own convolution kernels, no transposed copies), ``relu``
+    (:mod:`hessopt._relu`: no zero cotangents sent through the network). ``None`` leaves a setting
+    as it is. Example: ``with hessopt.hvp.fast_paths(batchnorm=False):`` gives PyTorch's own
+    BatchNorm double backward.
+    """
     saved = dict(_FAST_PATHS)
-    if batchnorm is not None:
-        _FAST_PATHS["batchnorm"] = bool(batchnorm)
+    for name, value in (("batchnorm", batchnorm), ("conv", conv), ("relu", relu)):
+        if value is not None:
+            _FAST_PATHS[name] = bool(value)
     try:
         yield
     finally:
         _FAST_PATHS.update(saved)
 
 
-def _batch_norm_routed(*args, **kwargs):
-    """``F.batch_norm`` inside :func:`second_order_safe`: the fast double backward when enabled."""
-    if _FAST_PATHS["batchnorm"]:
-        return _batchnorm.batch_norm(*args, **kwargs)
-    return _batchnorm.ORIGINAL_F_BATCH_NORM(*args, **kwargs)
+def _routed(path: str, fast: Callable, original: Callable) -> Callable:
+    """``fast`` while the fast path ``path`` is on, else ``original`` (decided at call time)."""
+
+    def call(*args, **kwargs):
+        return (fast if _FAST_PATHS[path] else original)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = getattr(original, "__name__", path)
+    call.__doc__ = f"``{call.__name__}`` inside hessopt.second_order_safe() (fast path {path!r})."
+    return call
+
+
+# func -> (fast-path name or None for always, replacement): what the TorchFunctionMode routes
+_ROUTES = {
+    _ORIGINAL_SDPA: (None, _sdpa_twice_differentiable),
+    _batchnorm.ORIGINAL_F_BATCH_NORM: ("batchnorm", _batchnorm.batch_norm),
+    _batchnorm.ORIGINAL_TORCH_BATCH_NORM: ("batchnorm", _batchnorm.torch_batch_norm),
+    _relu.ORIGINALS["F.relu"]: ("relu", _relu.relu),
+    _relu.ORIGINALS["torch.relu"]: ("relu", _relu.relu),
+    _relu.ORIGINALS["torch.relu_"]: ("relu", _relu.relu_),
+    _relu.ORIGINALS["Tensor.relu"]: ("relu", _relu.relu),
+    _relu.ORIGINALS["Tensor.relu_"]: ("relu", _relu.relu_),
+}
+_ROUTES.update({original: ("conv", _conv.conv(n)) for n, original in _conv.ORIGINAL_CONV.items()})
+
+# module attributes of torch.nn.functional replaced inside the block (looked up at call time by
+# nn.BatchNorm*, nn.Conv*d, nn.ReLU, nn.MultiheadAttention and most libraries)
+_F_PATCHES = {
+    "scaled_dot_product_attention": (_ORIGINAL_SDPA, _sdpa_twice_differentiable),
+    "batch_norm": (_batchnorm.ORIGINAL_F_BATCH_NORM,
+                   _routed("batchnorm", _batchnorm.batch_norm, _batchnorm.ORIGINAL_F_BATCH_NORM)),
+    "relu": (_relu.ORIGINALS["F.relu"], _routed("relu", _relu.relu, _relu.ORIGINALS["F.relu"])),
+}
+_F_PATCHES.update({
+    f"conv{n}d": (original, _routed("conv", _ROUTES[original][1], original))
+    for n, original in _conv.ORIGINAL_CONV.items()
+})
 
 
 class _SecondOrderMode(TorchFunctionMode):
-    """Routes direct calls of the intercepted functions (however imported): scaled-dot-product
-    attention, and ``F.batch_norm`` / ``torch.batch_norm``."""
+    """Routes direct calls of the intercepted functions, however they were imported."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is _ORIGINAL_SDPA:
-            return _sdpa_twice_differentiable(*args, **kwargs)
-        if _FAST_PATHS["batchnorm"]:
-            if func is _batchnorm.ORIGINAL_F_BATCH_NORM:
-                return _batchnorm.batch_norm(*args, **kwargs)
-            if func is _batchnorm.ORIGINAL_TORCH_BATCH_NORM:
-                return _batchnorm.torch_batch_norm(*args, **kwargs)
-        return func(*args, **kwargs)
+        route = _ROUTES.get(func)
+        if route is not None and (route[0] is None or _FAST_PATHS[route[0]]):
+            return route[1](*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
 
 
 _patch_lock = threading.Lock()
@@ -353,8 +387,8 @@ def second_order_safe() -> Iterator[None]:
     global _patch_depth
     with _patch_lock:
         if _patch_depth == 0:
-            F.scaled_dot_product_attention = _sdpa_twice_differentiable
-            F.batch_norm = _batch_norm_routed
+            for name, (_, patched) in _F_PATCHES.items():
+                setattr(F, name, patched)
         _patch_depth += 1
     try:
         with _SecondOrderMode():
@@ -363,5 +397,5 @@ def second_order_safe() -> Iterator[None]:
         with _patch_lock:
             _patch_depth -= 1
             if _patch_depth == 0:
-                F.scaled_dot_product_attention = _ORIGINAL_SDPA
-                F.batch_norm = _batchnorm.ORIGINAL_F_BATCH_NORM
+                for name, (original, _) in _F_PATCHES.items():
+                    setattr(F, name, original)

@@ -2,9 +2,11 @@
 
 * BatchNorm (hessopt/_batchnorm.py): under ``second_order_safe()``, ``F.batch_norm`` runs PyTorch's
   fused kernels forward and first-order backward, and a closed-form double backward. The oracle is
-  the same computation with the fast path off (``hessopt.hvp.fast_paths(batchnorm=False)``), i.e.
-  PyTorch's ``batchnorm_double_backward``; Hessians are also checked against a dense Hessian of a
-  written-out BatchNorm.
+  the same computation with the fast paths off (``hessopt.hvp.fast_paths(batchnorm=False, ...)``),
+  i.e. PyTorch's ``batchnorm_double_backward``; Hessians are also checked against a dense Hessian
+  of a written-out BatchNorm.
+* Convolutions (hessopt/_conv.py) and ReLU (hessopt/_relu.py), likewise against PyTorch's own
+  double backward, over strides, paddings, dilations, groups and dimensionalities.
 * ``hvp_from_grads`` seeds the backward with ``grad_outputs=v``: checked against a dot-product HVP.
 """
 from __future__ import annotations
@@ -76,9 +78,14 @@ def _batch(dims=2, n=5, seed=0):
     return x, torch.randint(0, 2, (n,), generator=g)
 
 
+def _all(fast):
+    """All fast paths on (True) or off (False)."""
+    return fast_paths(batchnorm=fast, conv=fast, relu=fast)
+
+
 def _hvp(model, x, y, v, fast, create_graph=False):
     params = list(model.parameters())
-    with fast_paths(batchnorm=fast), hessopt.second_order_safe():
+    with _all(fast), hessopt.second_order_safe():
         loss = F.cross_entropy(model(x), y)
         grads = torch.autograd.grad(loss, params, create_graph=True)
         hv = torch.autograd.grad(grads, params, grad_outputs=v, create_graph=create_graph)
@@ -202,7 +209,8 @@ def test_batchnorm_third_derivative(train):
         v = [torch.randn(p.shape, generator=_gen(2), dtype=DT) for p in params]
         w = [torch.randn(p.shape, generator=_gen(3), dtype=DT) for p in params]
         _, hv = _hvp(model, x, y, v, fast=fast, create_graph=True)
-        results.append(torch.autograd.grad(hv, params, grad_outputs=w))
+        with _all(fast):
+            results.append(torch.autograd.grad(hv, params, grad_outputs=w))
     _close(results[0], results[1], rtol=1e-9, atol=1e-11)
 
 
@@ -218,7 +226,7 @@ def test_batchnorm_partial_requires_grad():
                 model.conv1.bias.requires_grad_(False)  # bn1's input needs no gradient at all
             params = [p for p in model.parameters() if p.requires_grad]
             v = [torch.randn(p.shape, generator=_gen(4), dtype=DT) for p in params]
-            with fast_paths(batchnorm=fast), hessopt.second_order_safe():
+            with _all(fast):
                 hvs.append(hessopt.hvp(lambda: F.cross_entropy(model(x), y), params, v))
         _close(hvs[0], hvs[1])
 
@@ -270,3 +278,181 @@ def test_hvp_from_grads_equals_dot_product_hvp():
     expected = torch.autograd.grad(dot, params, allow_unused=True)
     _close(hv[:-1], expected[:-1])
     assert torch.equal(hv[-1], torch.zeros(2, dtype=DT))
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolutions and ReLU
+# ---------------------------------------------------------------------------------------------
+
+CONV_CASES = [
+    # dims, in, out, kernel, keyword arguments, input size
+    (2, 3, 4, 3, dict(padding=1), 6),
+    (2, 4, 6, 3, dict(stride=2, padding=1, groups=2, bias=False), 7),  # output size does not divide
+    (2, 4, 4, 3, dict(padding=(2, 1), dilation=(2, 1), groups=4), 6),  # depthwise, dilated
+    (2, 3, 5, 1, dict(stride=2), 5),
+    (2, 3, 2, (2, 3), dict(padding="valid"), 5),
+    (1, 3, 4, 3, dict(stride=2, padding=2), 9),
+    (3, 2, 3, 2, dict(padding=1), 4),
+]
+
+
+class ConvNet(nn.Module):
+    def __init__(self, dims, cin, cout, kernel, options):
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        self.stem = conv(2, cin, 1)
+        self.conv = conv(cin, cout, kernel, **options)
+        self.fc = nn.LazyLinear(3)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x), inplace=True)  # in place, like nn.ReLU(inplace=True)
+        h = torch.tanh(self.conv(h))
+        return self.fc(h.flatten(1) ** 2)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[0]}d-{c[4]}")
+def test_conv_hvp_matches_pytorch_double_backward(case):
+    dims, cin, cout, kernel, options, size = case
+    x = torch.randn((3, 2) + (size,) * dims, generator=_gen(0), dtype=DT)
+    y = torch.tensor([0, 2, 1])
+    torch.manual_seed(0)
+    model = ConvNet(dims, cin, cout, kernel, options).to(DT)
+    model(x)  # materialize the lazy layer
+    v = [torch.randn(p.shape, generator=_gen(1), dtype=DT) for p in model.parameters()]
+    results = {}
+    for fast in (True, False):
+        grads, hv = _hvp(model, x, y, v, fast=fast)
+        with _all(fast), hessopt.second_order_safe():
+            out = model.conv(model.stem(x))
+        assert ("_ConvBackward" in type(out.grad_fn).__name__) == fast
+        results[fast] = (grads, hv)
+    _close(results[True][0], results[False][0])
+    _close(results[True][1], results[False][1])
+    assert flatten(results[True][1]).abs().max() > 1e-3
+
+
+def test_conv_and_relu_third_derivative_and_partial_grads():
+    """create_graph=True HVPs differentiate again exactly; frozen weights or inputs work."""
+    x = torch.randn(3, 2, 6, 6, generator=_gen(0), dtype=DT)
+    y = torch.tensor([0, 2, 1])
+    for frozen in (None, "stem.weight", "conv.weight", "conv.bias"):
+        results = []
+        for fast in (True, False):
+            torch.manual_seed(0)
+            model = ConvNet(2, 3, 4, 3, dict(padding=1, stride=2)).to(DT)
+            model(x)
+            if frozen:
+                dict(model.named_parameters())[frozen].requires_grad_(False)
+            params = [p for p in model.parameters() if p.requires_grad]
+            v = [torch.randn(p.shape, generator=_gen(2), dtype=DT) for p in params]
+            w = [torch.randn(p.shape, generator=_gen(3), dtype=DT) for p in params]
+            with _all(fast), hessopt.second_order_safe():
+                loss = F.cross_entropy(model(x), y)
+                grads = torch.autograd.grad(loss, params, create_graph=True)
+                hv = torch.autograd.grad(grads, params, grad_outputs=v, create_graph=True)
+                third = torch.autograd.grad(hv, params, grad_outputs=w, allow_unused=True)
+            results.append((hv, [torch.zeros_like(p) if t is None else t for p, t in zip(params, third)]))
+        _close(results[0][0], results[1][0])
+        _close(results[0][1], results[1][1], rtol=1e-9, atol=1e-11)
+
+
+def test_relu_fast_path_is_exact_and_routes_every_spelling():
+    """F.relu (in place or not), torch.relu(_), Tensor.relu(_): same values and HVPs, bit for bit;
+    the graph-building backward no longer depends on the ReLU output."""
+    base = torch.randn(4, 5, generator=_gen(0), dtype=DT)
+    w = torch.randn(5, 5, generator=_gen(1), dtype=DT, requires_grad=True)
+    v = torch.randn(5, 5, generator=_gen(2), dtype=DT)
+    spellings = [
+        lambda h: F.relu(h), lambda h: F.relu(h, inplace=True), lambda h: torch.relu(h),
+        lambda h: torch.relu_(h), lambda h: h.relu(), lambda h: h.relu_(), lambda h: nn.ReLU(inplace=True)(h),
+    ]
+    for act in spellings:
+        results = []
+        for fast in (True, False):
+            with _all(fast), hessopt.second_order_safe():
+                out = act(base @ w)
+                assert ("_ReLU" in type(out.grad_fn).__name__) == fast
+                g = torch.autograd.grad((out ** 3).sum(), w, create_graph=True)[0]
+                results.append((out, g, torch.autograd.grad(g, w, grad_outputs=v)[0]))
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+
+
+def test_all_fast_paths_in_a_resnet_against_a_dense_hessian(dense_hessian):
+    """A residual CNN (conv-BN-ReLU blocks, strided convolution, eval mode): the Hessian from HVPs
+    with every fast path on equals torch.func.hessian of the plain model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1, bias=False), nn.BatchNorm2d(2), nn.ReLU(inplace=True),
+        nn.Conv2d(2, 2, 3, stride=2, padding=1), nn.BatchNorm2d(2), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3),
+    ).to(DT)
+    x = torch.randn(4, 1, 5, 5, generator=_gen(0), dtype=DT)
+    y = torch.tensor([0, 1, 2, 1])
+    model.train()
+    model(x)  # non-trivial running statistics
+    model.eval()
+    op = hessopt.HessianOperator(model, F.cross_entropy, (x, y))
+    _close(op.to_dense(), dense_hessian(model, lambda out: F.cross_entropy(out, y), x), rtol=1e-9, atol=1e-11)
+
+
+# ---------------------------------------------------------------------------------------------
+# AdaHessian's multi-tensor bookkeeping
+# ---------------------------------------------------------------------------------------------
+
+
+def test_adahessian_multi_tensor_path_matches_reference_loop():
+    """foreach=True (multi-tensor finiteness check, |d|, averaging, second moments) equals the
+    per-tensor reference loop bit for bit on CPU: conv kernels (spatial averaging), 2-D weights
+    (block averaging), biases, and a non-finite estimate that must be skipped and counted."""
+
+    def curvature_with_a_nan(inner):
+        calls = {"n": 0}
+
+        def source(params, grads, generators):
+            out = inner(params, grads, generators)
+            calls["n"] += 1
+            if calls["n"] == 2:
+                out[0] = out[0].clone()
+                out[0].view(-1)[0] = float("nan")
+            return out
+
+        return source
+
+    from hessopt.optim import Hutchinson
+
+    runs = []
+    for foreach in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(12, 5), nn.Tanh(), nn.Linear(5, 2)).to(DT)
+        x, y = torch.randn(6, 2, 4, 4, generator=_gen(0), dtype=DT), torch.tensor([0, 1, 1, 0, 1, 0])
+        opt = hessopt.AdaHessian(model.parameters(), lr=0.05, block_length=2, foreach=foreach,
+                                 curvature=curvature_with_a_nan(Hutchinson(2)))
+        with pytest.warns(RuntimeWarning, match="not finite"):
+            for _ in range(4):
+                def closure():
+                    opt.zero_grad()
+                    loss = F.cross_entropy(model(x), y)
+                    loss.backward()
+                    return loss
+                opt.step(closure)
+        runs.append((model, opt))
+    (m0, o0), (m1, o1) = runs
+    for p, q in zip(m0.parameters(), m1.parameters()):
+        assert torch.equal(p, q)
+        s0, s1 = o0.state[p], o1.state[q]
+        assert torch.equal(s0["exp_hessian_diag_sq"], s1["exp_hessian_diag_sq"])
+        assert (s0["hessian_step"], s0["nonfinite_hessian_skips"]) == (s1["hessian_step"], s1["nonfinite_hessian_skips"])
+    first = next(m0.parameters())
+    assert o0.state[first]["nonfinite_hessian_skips"] == 1 and o0.state[first]["hessian_step"] == 3
+
+
+def test_finite_flags():
+    from hessopt.optim._multi_tensor import finite_flags
+
+    big = torch.full((100,), 60000.0, dtype=torch.float16)  # finite, but its norm overflows float16
+    bad = torch.tensor([1.0, float("inf")])
+    nan = torch.tensor([[float("nan")]], dtype=DT)
+    assert finite_flags([big, bad, nan, torch.zeros(3), torch.ones(())]) == [True, False, False, True, True]
+    assert finite_flags([]) == []

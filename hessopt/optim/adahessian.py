@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 
 from ..hvp import second_order_safe
+from ._multi_tensor import finite_flags, update_hessian_moments
 from .averaging import AVERAGING_POLICIES, average_curvature
 from .curvature import make_curvature, needs_graph
 
@@ -487,8 +488,11 @@ class AdaHessian(torch.optim.Optimizer):
         if inv_scale is not None:
             raw = torch._foreach_mul(raw, inv_scale)
         # one device-to-host transfer for all the flags instead of one sync per tensor
-        device = raw[0].device
-        finite = torch.stack([torch.isfinite(r).all().to(device) for r in raw]).tolist()
+        if self._multi_tensor(params):
+            finite = finite_flags(raw)
+        else:
+            device = raw[0].device
+            finite = torch.stack([torch.isfinite(r).all().to(device) for r in raw]).tolist()
         return [r if ok else None for r, ok in zip(raw, finite)]
 
     def _apply(self, entries, grads, curvature) -> None:
@@ -503,11 +507,15 @@ class AdaHessian(torch.optim.Optimizer):
 
     def _apply_group(self, group, params, grads, curvature) -> None:
         """Hessian moments, then the update of every parameter of ``group`` that has curvature."""
+        states = [self.state[p] or self._init_state(p) for p in params]
+        if curvature is not None:
+            if self._multi_tensor(params):
+                self._update_hessian_moments(params, states, curvature, group)
+            else:  # the reference, tensor by tensor
+                for p, state, d in zip(params, states, curvature):
+                    self._update_hessian_moment(p, state, d, group)
         chosen = []
-        for j, p in enumerate(params):
-            state = self.state[p] or self._init_state(p)
-            if curvature is not None:
-                self._update_hessian_moment(p, state, curvature[j], group)
+        for j, state in enumerate(states):
             if state["hessian_step"] == 0:
                 continue  # no curvature yet: never divide by eps alone; updated from the next Hessian step on
             state["step"] += 1
@@ -515,8 +523,8 @@ class AdaHessian(torch.optim.Optimizer):
         if not chosen:
             return
         ps = [params[j] for j in chosen]
-        states = [self.state[p] for p in ps]
-        foreach = self.foreach if self.foreach is not None else all(p.is_cuda for p in ps)
+        states = [states[j] for j in chosen]
+        foreach = self._multi_tensor(ps)
         # the multi-tensor kernels need tensors of one device and dtype per call
         batches = list(_by_device_and_dtype(ps).values()) if foreach else [list(range(len(ps)))]
         for idx in batches:
@@ -545,6 +553,23 @@ class AdaHessian(torch.optim.Optimizer):
             exp_hessian_diag_sq=torch.zeros_like(p, memory_format=torch.preserve_format),
         )
         return state
+
+    def _multi_tensor(self, params) -> bool:
+        """Whether to use the multi-tensor kernels (``foreach``; default: all parameters on CUDA)."""
+        return self.foreach if self.foreach is not None else all(p.is_cuda for p in params)
+
+    def _update_hessian_moments(self, params, states, curvature, group) -> None:
+        """:meth:`_update_hessian_moment` for all of ``params`` at once, with multi-tensor kernels."""
+        live = []
+        for p, state, d in zip(params, states, curvature):
+            if d is None:
+                self._update_hessian_moment(p, state, None, group)  # skipped, counted, warned about
+            else:
+                live.append((state, d))
+        update_hessian_moments([state["exp_hessian_diag_sq"] for state, _ in live], [d for _, d in live],
+                               group["betas"][1], group["averaging"], group["block_length"])
+        for state, _ in live:
+            state["hessian_step"] += 1
 
     def _update_hessian_moment(self, p, state, d: Optional[torch.Tensor], group) -> None:
         r"""``v <- b2 v + (1 - b2) average(|d|)^2`` and ``h <- h + 1``; a non-finite ``d`` (``None``) is
