@@ -1,46 +1,76 @@
 """``torch.distributed`` helpers shared by the optimizer and the operators.
 
-hessopt's distributed design (see DESIGN.md): every rank draws the same random probes (identical
-seeded generators, checked once), and the per-rank curvature quantities (``z * Hz`` in the
-optimizer, HVPs in :class:`hessopt.HessianOperator`) are summed or averaged with one
-``all_reduce`` so that every rank holds the full-data answer.
+hessopt's distributed design (see ``docs/distributed.md``): every rank draws the same random probes
+(identical seeded generators, checked once), and the per-rank curvature quantities (``z * Hz`` in
+the optimizer, HVPs in :class:`hessopt.HessianOperator`) are summed or averaged with one
+``all_reduce`` per dtype, so that every rank holds the full-data answer.
+
+* :class:`OptimizerSync` is what :class:`hessopt.AdaHessian` uses under
+  ``DistributedDataParallel`` (DDP): gradient hooks that keep the graph-carrying local gradient
+  for the Hessian-vector product and hand DDP a plain one, the all-reduce of ``z * Hz``, and a
+  one-time check that all ranks run the same optimizer on the same parameters.
+* :func:`all_reduce_sum` packs a list of tensors into one buffer per (dtype, device) and sums it
+  over ranks with a single collective; :func:`broadcast_object` is rank 0's Python object on
+  every rank (the estimators' probe seeds).
 """
 from __future__ import annotations
 
-from typing import Any, List, Sequence
+import os
+import warnings
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["is_distributed", "world_size", "all_reduce_sum", "broadcast_object", "OptimizerSync"]
+__all__ = [
+    "is_initialized",
+    "is_distributed",
+    "world_size",
+    "all_reduce_sum",
+    "broadcast_object",
+    "unwrap_data_parallel",
+    "OptimizerSync",
+]
+
+
+def is_initialized() -> bool:
+    """Whether a ``torch.distributed`` default process group is initialized (any number of processes)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def is_distributed() -> bool:
     """Whether a ``torch.distributed`` process group with more than one process is initialized."""
     import torch.distributed as dist
 
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return is_initialized() and dist.get_world_size() > 1
 
 
-def world_size() -> int:
-    return torch.distributed.get_world_size() if is_distributed() else 1
+def world_size(group: Any = None) -> int:
+    """The number of processes of ``group`` (default: the default group; 1 without one)."""
+    return torch.distributed.get_world_size(group) if is_initialized() else 1
 
 
-def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """Sum each tensor over all ranks with a single flattened ``all_reduce``; returns new tensors.
+def all_reduce_sum(tensors: Sequence[torch.Tensor], group: Any = None) -> List[torch.Tensor]:
+    """Sum each tensor over the ranks of ``group`` (default: all); returns new tensors.
 
-    The tensors are packed into one buffer per dtype (one collective instead of one per tensor) and
-    the results are returned, never written into a temporary that the caller cannot see (the
-    ``dist.all_reduce(x / n)`` pitfall).
+    The tensors are packed into one flat buffer per (dtype, device), so a list of any length costs
+    one collective per dtype, not one per tensor. The sums are returned as views of that buffer,
+    never written into a temporary the caller cannot see (``dist.all_reduce(x / n)`` reduces the
+    temporary ``x / n`` and leaves ``x`` as it was: a silent no-op). The inputs are not modified.
+    Without a process group of more than one process the tensors are returned as they are.
     """
+    out: List[torch.Tensor] = list(tensors)
+    if world_size(group) == 1:
+        return out
     import torch.distributed as dist
 
-    out: List[torch.Tensor] = list(tensors)
-    by_dtype: dict = {}
+    by_kind: Dict[Any, List[int]] = {}
     for i, t in enumerate(tensors):
-        by_dtype.setdefault((t.dtype, t.device), []).append(i)
-    for indices in by_dtype.values():
+        by_kind.setdefault((t.dtype, t.device), []).append(i)
+    for indices in by_kind.values():
         buffer = torch.cat([tensors[i].reshape(-1) for i in indices])
-        dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
         offset = 0
         for i in indices:
             n = tensors[i].numel()
@@ -50,7 +80,9 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """``obj`` as held by rank ``src``, on every rank."""
+    """``obj`` as held by rank ``src``, on every rank (``obj`` itself without a process group)."""
+    if not is_distributed():
+        return obj
     import torch.distributed as dist
 
     box = [obj]
@@ -58,83 +90,294 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def unwrap_data_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers (``model`` otherwise).
+
+    Hessian-vector products must not run through DDP's forward: DDP then expects a gradient
+    reduction that ``torch.autograd.grad`` never triggers, and the next training forward fails.
+    The wrapped module has the same parameters, so nothing is lost by unwrapping.
+    """
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, (DistributedDataParallel, DataParallel)):
+        model = model.module
+    return model
+
+
+_SEEDS_DIFFER = (
+    "AdaHessian was built with different seeds on different ranks ({seeds}): the ranks would draw "
+    "different probes and their curvature estimates would not average to the full batch's. Pass "
+    "the same seed= on every rank (e.g. a seed from the command line, not one derived from the rank)."
+)
+_OPTIONS_DIFFER = (
+    "AdaHessian has different {name} on different ranks ({values}): the ranks would estimate the "
+    "Hessian at different steps (or with different probes) and their all-reduces would not match. "
+    "Build the optimizer with the same arguments on every rank."
+)
+_STATE_DIFFERS = (
+    "AdaHessian's state differs between ranks (step counts {steps}, or the probe generators' "
+    "states): e.g. a checkpoint's optimizer state was loaded on some ranks only. Load the same "
+    "state dict on every rank (a state dict saved on rank 0 is the same for all ranks)."
+)
+_PARAMS_DIFFER = (
+    "AdaHessian got different parameter lists on different ranks (rank {rank} has {theirs} tensors "
+    "of shapes {their_shapes}, rank 0 has {mine} of shapes {my_shapes}): build the optimizer from "
+    "the same model, with the same parameter groups in the same order, on every rank."
+)
+_VALUES_DIFFER = (
+    "AdaHessian's parameters differ between rank 0 and rank {rank} at the first step (parameter "
+    "{index}, shape {shape}): the ranks are not training one replicated model. Wrap the model in "
+    "DistributedDataParallel (it broadcasts rank 0's parameters when it is built) or initialize it "
+    "with the same seed on every rank; to run independent optimizers per rank, pass "
+    "AdaHessian(..., distributed=False)."
+)
+_NO_GROUP_UNDER_LAUNCHER = (
+    "AdaHessian: this process was started by a launcher for {world} processes (WORLD_SIZE={world}) "
+    "but no torch.distributed process group is initialized, so each process trains on its own data "
+    "with its own steps. Call torch.distributed.init_process_group and wrap the model in "
+    "DistributedDataParallel, or pass AdaHessian(..., distributed=False) if independent processes "
+    "are intended. (Shown once.)"
+)
+_NO_GROUP = (
+    "AdaHessian(distributed=True) but no torch.distributed process group is initialized: call "
+    "torch.distributed.init_process_group (torchrun sets the environment it reads) before the first "
+    "step, or leave distributed=None."
+)
+
+
+_SHARDED = (
+    "AdaHessian got a sharded DTensor parameter (FSDP2's fully_shard, or tensor parallelism), which "
+    "it does not support: its probes and the rank average of z*Hz assume replicated parameters, and "
+    "under FSDP2 the gradient of a shard is reduce-scattered outside autograd, so no graph leads "
+    "from the loss to it and no Hessian-vector product can be taken. Train with "
+    "DistributedDataParallel (replicated parameters); see docs/distributed.md."
+)
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # older torch
+        return False
+    return isinstance(p, DTensor)
+
+
+def _launched_world_size() -> int:
+    """``WORLD_SIZE`` as set by torchrun (and torch.distributed.launch, SLURM wrappers), else 1."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def _optimizer_state_digest(opt) -> tuple:
+    """The optimizer's step count and a digest of its probe generators' states (live or loaded)."""
+    import hashlib
+
+    glob = opt.state_dict()["state"].get("adahessian", {})
+    digest = hashlib.sha256()
+    for name, state in sorted(glob.get("generator_states", {}).items()):
+        digest.update(name.encode())
+        digest.update(state.cpu().numpy().tobytes())
+    return (glob.get("step", 0), digest.hexdigest())
+
+
+def _checksums(params: Sequence[torch.Tensor]) -> List[List[float]]:
+    """``[sum, sum of |.|]`` of each tensor in float64; one host transfer for all of them."""
+    if not params:
+        return []
+    device = params[0].device
+    sums = torch.stack(
+        [torch.stack([p.detach().double().sum(), p.detach().double().abs().sum()]).to(device) for p in params]
+    )
+    return sums.cpu().tolist()
+
+
 class OptimizerSync:
     """What :class:`hessopt.AdaHessian` needs to run under ``torch.distributed`` with unchanged user code.
 
-    DistributedDataParallel cannot handle gradients that carry a graph (its reducer divides them
-    in place and fails with "a leaf Variable that requires grad is being used in an in-place
-    operation"; PyTorch issue 63929). A tensor hook on every parameter sees the incoming gradient
-    before DDP's reducer and ``AccumulateGrad`` do: on a graph-building backward it keeps the local,
-    graph-carrying gradient for the optimizer's HVP and passes a detached copy on, so DDP averages
-    plain gradients into ``p.grad`` as usual. Gradient accumulation (several backwards, e.g. under
-    ``no_sync()``) sums the kept gradients, matching what DDP accumulates in ``p.grad``.
+    **Gradients.** DistributedDataParallel cannot handle gradients that carry a graph: its reducer
+    divides them in place and fails with "a leaf Variable that requires grad is being used in an
+    in-place operation" (PyTorch issue 63929), and it would not synchronize grad-of-grad anyway. A
+    pre-hook on each parameter's gradient accumulator (``AccumulateGrad`` node) sees the incoming
+    gradient of a ``backward(create_graph=True)`` before it is accumulated into ``p.grad`` and
+    before DDP's reducer, which runs after accumulation: the hook keeps the local, graph-carrying
+    gradient for the optimizer's HVP and passes a detached copy on, so DDP averages plain
+    gradients into ``p.grad`` as it does for any optimizer. Being on the accumulator (not a tensor
+    hook), it does not fire for ``torch.autograd.grad`` calls on the same parameters (a
+    :class:`hessopt.HessianOperator` or a :class:`hessopt.CurvatureMonitor` during training).
 
-    On a Hessian step every rank draws the same probes ``z`` (same seed, checked across ranks once)
-    and computes ``z * H_local z`` on its own data; the average over ranks (one ``all_reduce``) is
-    ``z * H z`` of the global batch for equal shards, so every rank takes the same step.
+    **Accumulation.** Several backwards before one step (gradient accumulation, with or without
+    ``DDP.no_sync()``) add up the kept gradients, exactly as autograd adds up ``p.grad``; the sum
+    restarts when ``p.grad`` is ``None`` at a backward (after ``zero_grad()``, the default
+    ``set_to_none=True``) and after every step.
+
+    **Curvature.** On a Hessian step every rank draws the same probes ``z`` (same seed, checked
+    once) and computes ``z * H_r z`` with ``H_r`` the Hessian of its own loss; the average over
+    ranks (one ``all_reduce`` per dtype, :func:`all_reduce_sum`) is ``z * H z`` for the Hessian of
+    the rank-averaged loss, the loss whose gradient DDP averages. So every rank takes the same step,
+    equal to one process on the union of the ranks' batches when the shards have equal size.
+
+    **Checks.** At the first step with more than one process, the ranks compare (one
+    ``all_gather_object``) the seed, ``update_each``, the curvature source, the step count and the
+    probe generators' states, the parameter shapes and float64 checksums of the parameter values;
+    any difference raises a ``ValueError`` on every rank (rather than a hang or a silent
+    divergence). They are compared again at the first step after :meth:`AdaHessian.load_state_dict`.
+
+    **When.** ``enabled=None`` (the optimizer's ``distributed=None``): active whenever a default
+    process group is initialized at the time of a backward or step, with any number of processes
+    (DDP with one process has the same in-place problem); the curvature is averaged over all
+    processes. The hooks are installed when the optimizer is built and cost one Python call per
+    parameter per backward while inactive, so an optimizer built before ``init_process_group``
+    still works. ``enabled=True``: like ``None``, but a step without a process group raises.
+    ``enabled=<ProcessGroup>``: average over that group, the one given to DDP as
+    ``process_group=`` (e.g. the data-parallel group of a job that also shards the model another
+    way). The optimizer passes ``distributed=False`` as no ``OptimizerSync`` at all.
     """
 
-    def __init__(self, optimizer):
-        import torch.distributed as dist
-
-        self._world = dist.get_world_size()
-        self._seed = optimizer.seed
-        self._params = [p for group in optimizer.param_groups for p in group["params"]]
-        self._kept: dict = {}
+    def __init__(self, optimizer, enabled: Any = None):
+        self.enabled = enabled
+        self.group = None if enabled is None or isinstance(enabled, bool) else enabled
+        self._optimizer = optimizer
+        self._kept: Dict[int, torch.Tensor] = {}
+        self._hooked: Dict[int, Any] = {}  # id(p) -> (accumulator node, hook handle)
         self._checked = False
-        self._handles = [
-            p.register_hook(self._make_hook(p)) for p in self._params if p.requires_grad
-        ]
+        self._warned = False
+        self.watch()
 
-    def _make_hook(self, p):
+    # -- hooks -------------------------------------------------------------------------------------
+
+    def _params(self) -> List[torch.Tensor]:
+        return [p for group in self._optimizer.param_groups for p in group["params"]]
+
+    def watch(self) -> None:
+        """Install the gradient hook on every parameter that does not have one yet (new groups)."""
+        for p in self._params():
+            if id(p) in self._hooked or not p.requires_grad:
+                continue
+            if _is_dtensor(p) and getattr(self._optimizer.curvature, "needs_graph", True):
+                raise TypeError(_SHARDED)
+            # Holding the node keeps it the parameter's accumulator for every later graph
+            # (autograd keeps only a weak reference to it), as DDP's reducer does.
+            node = torch.autograd.graph.get_gradient_edge(p).node
+            self._hooked[id(p)] = (node, node.register_prehook(self._make_hook(p)))
+
+    @property
+    def active(self) -> bool:
+        """Whether the hooks act now: not disabled and a default process group is initialized."""
+        return self.enabled is not False and is_initialized()
+
+    def _make_hook(self, p: torch.Tensor):
         key = id(p)
 
-        def keep_graph_gradient(grad):
-            if not grad.requires_grad:
-                return None  # a plain backward: nothing to keep, DDP proceeds as usual
-            previous = self._kept.get(key)
+        def keep_graph_gradient(grad_outputs):
+            grad = grad_outputs[0]
+            if grad is None or not grad.requires_grad or not self.active:
+                return None  # a plain backward, or not distributed: autograd and DDP as usual
+            previous = None if p.grad is None else self._kept.get(key)
             self._kept[key] = grad if previous is None else previous + grad
-            return grad.detach()
+            return (grad.detach(),)
 
         return keep_graph_gradient
 
+    def remove(self) -> None:
+        """Remove all hooks (the optimizer then behaves as with ``distributed=False``)."""
+        for _, handle in self._hooked.values():
+            handle.remove()
+        self._hooked = {}
+        self._kept.clear()
+
+    # -- the step ----------------------------------------------------------------------------------
+
+    def for_step(self) -> Optional["OptimizerSync"]:
+        """``self`` when this step is distributed, ``None`` otherwise (raises if required and absent)."""
+        if self.active:
+            return self
+        if self.enabled:
+            raise ValueError(_NO_GROUP)
+        if self.enabled is None and not self._warned and _launched_world_size() > 1:
+            self._warned = True
+            warnings.warn(_NO_GROUP_UNDER_LAUNCHER.format(world=_launched_world_size()), RuntimeWarning, stacklevel=5)
+        return None
+
+    def recheck(self) -> None:
+        """Compare the ranks again at the next step (after loading a state dict)."""
+        self._checked = False
+
     def _check_consistency(self) -> None:
-        """Once: the probe seed and the parameter shapes must agree on all ranks."""
+        """Once: seed, options, parameter shapes and values must agree on all ranks."""
         import torch.distributed as dist
 
-        mine = (self._seed, [tuple(p.shape) for p in self._params])
-        everyone = [None] * self._world
-        dist.all_gather_object(everyone, mine)
-        seeds = [e[0] for e in everyone]
+        world = dist.get_world_size(self.group)
+        if world == 1:
+            self._checked = True
+            return
+        opt = self._optimizer
+        params = self._params()
+        mine = {
+            "seed": opt.seed,
+            "update_each": opt.update_each,
+            "curvature": repr(opt.curvature),
+            "state": _optimizer_state_digest(opt),
+            "shapes": [tuple(p.shape) for p in params],
+            "checksums": _checksums(params),
+        }
+        everyone: List[Any] = [None] * world
+        dist.all_gather_object(everyone, mine, group=self.group)
+        seeds = [e["seed"] for e in everyone]
         if len(set(seeds)) > 1:
-            raise ValueError(
-                f"AdaHessian was built with different seeds on different ranks ({seeds}): the ranks "
-                "would draw different probes and diverge. Pass the same seed= on every rank."
-            )
-        if any(e[1] != mine[1] for e in everyone):
-            raise ValueError(
-                "AdaHessian got different parameter lists on different ranks (number or shapes "
-                "differ): build the optimizer from the same model on every rank"
-            )
-        self._checked = True
+            raise ValueError(_SEEDS_DIFFER.format(seeds=seeds))
+        for name in ("update_each", "curvature"):
+            values = [e[name] for e in everyone]
+            if len(set(values)) > 1:
+                raise ValueError(_OPTIONS_DIFFER.format(name=name, values=values))
+        states = [e["state"] for e in everyone]
+        if any(state != states[0] for state in states):
+            raise ValueError(_STATE_DIFFERS.format(steps=[state[0] for state in states]))
+        first = everyone[0]
+        for rank, e in enumerate(everyone):
+            if e["shapes"] != first["shapes"]:
+                raise ValueError(_PARAMS_DIFFER.format(
+                    rank=rank, theirs=len(e["shapes"]), their_shapes=e["shapes"][:8],
+                    mine=len(first["shapes"]), my_shapes=first["shapes"][:8]))
+        for rank, e in enumerate(everyone):
+            for index, ((s, a), (s0, a0)) in enumerate(zip(e["checksums"], first["checksums"])):
+                # bit-identical values give identical sums on identical hardware; the tolerance only
+                # absorbs summation-order differences between unlike machines
+                if abs(s - s0) > 1e-9 * (a0 + 1e-30) or abs(a - a0) > 1e-9 * (a0 + 1e-30):
+                    raise ValueError(_VALUES_DIFFER.format(rank=rank, index=index, shape=first["shapes"][index]))
+        self._checked = True  # only once passed: after an error, the next step checks again
 
-    def graph_grads(self, params):
+    def graph_grads(self, params: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+        """The gradients with their graph (kept by the hooks), else ``p.grad``; checks the ranks once."""
         if not self._checked:
             self._check_consistency()
         return [self._kept.get(id(p), p.grad) for p in params]
 
-    def average_gradients(self, grads):
-        # DDP has already averaged p.grad over ranks (as for any optimizer).
+    def average_gradients(self, grads: List[torch.Tensor]) -> List[torch.Tensor]:
+        """The gradients as they are: DDP (or the user) has averaged ``p.grad`` over ranks already."""
         return grads
 
-    def average_curvature(self, estimates):
-        summed = all_reduce_sum(estimates)
-        return [s / self._world for s in summed]
+    def average_curvature(
+        self, params: Sequence[torch.Tensor], estimates: Sequence[torch.Tensor]
+    ) -> List[torch.Tensor]:
+        """The rank average of the per-parameter estimates, with one ``all_reduce`` per dtype.
+
+        The buffer covers every parameter of the optimizer in a fixed order (zeros for those without
+        a gradient on this rank), so ranks whose sets of gradients differ still exchange buffers of
+        one layout instead of hanging on mismatched sizes.
+        """
+        import torch.distributed as dist
+
+        world = dist.get_world_size(self.group)
+        if world == 1:
+            return list(estimates)
+        given = {id(p): e for p, e in zip(params, estimates)}
+        every = [p for p in self._params() if p.requires_grad or id(p) in given]
+        full = [given[id(p)] if id(p) in given else torch.zeros_like(p) for p in every]
+        summed = dict(zip((id(p) for p in every), all_reduce_sum(full, self.group)))
+        return [summed[id(p)] / world for p in params]
 
     def clear(self) -> None:
+        """Forget the kept gradients (after a step, at ``zero_grad``)."""
         self._kept.clear()
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []

@@ -344,7 +344,12 @@ class HessianOperator(CurvatureOperator):
             assumes the parameters do not change; call :meth:`clear_cache` after modifying them.
         distributed: average over all processes of an initialized ``torch.distributed`` group, each
             weighted by its number of samples (``None``: when a group with more than one process is
-            initialized).
+            initialized; ``False``: this process's data only). Every rank must then apply the
+            operator to the same vectors, in the same order (estimators do, with ``generator=None``
+            or an int seed, which is broadcast from rank 0; an explicit ``torch.Generator`` must be
+            seeded alike on every rank); a product whose vector differs between ranks is detected
+            (two checksums) and raises. A ``DistributedDataParallel`` model is unwrapped (same
+            parameters). See ``docs/distributed.md``.
         progress: show a progress bar over batches (only useful for large data sets).
 
     Attributes:
@@ -368,7 +373,10 @@ class HessianOperator(CurvatureOperator):
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        model = self._uncompiled(model)
+        from .distributed import unwrap_data_parallel
+
+        # HVPs through DDP's forward would leave its reducer waiting for a gradient reduction
+        model = unwrap_data_parallel(self._uncompiled(model))
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable: loss_fn(outputs, targets) -> scalar mean loss")
         if bn_mode not in ("eval", "train"):
@@ -425,13 +433,13 @@ class HessianOperator(CurvatureOperator):
     def is_distributed(self) -> bool:
         import torch.distributed as dist
 
-        active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        initialized = dist.is_available() and dist.is_initialized()
         if self._distributed is None:
-            return active
-        if self._distributed and not active:
+            return initialized and dist.get_world_size() > 1
+        if self._distributed and not initialized:
             raise ValueError(
-                "distributed=True but no torch.distributed process group with more than one process "
-                "is initialized: call torch.distributed.init_process_group first (or launch with torchrun)"
+                "distributed=True but no torch.distributed process group is initialized: call "
+                "torch.distributed.init_process_group first (or launch with torchrun)"
             )
         return bool(self._distributed)
 
@@ -439,19 +447,48 @@ class HessianOperator(CurvatureOperator):
         """Rank 0's seed on every rank, so that all ranks draw the same random probes."""
         if not self.is_distributed:
             return seed
-        import torch.distributed as dist
-
         from .distributed import broadcast_object
 
-        return broadcast_object(seed, src=0) if dist.get_world_size() > 1 else seed
+        return broadcast_object(seed, src=0)
 
-    def _reduce(self, total: torch.Tensor, count: float) -> Tuple[torch.Tensor, float]:
+    def _reduce(
+        self, total: torch.Tensor, count: float, v: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, float]:
+        """Sum ``total`` and ``count`` over ranks (one collective per dtype); with ``v``, also check
+        that every rank multiplied the same vector: two float64 checksums of ``v`` and their squares
+        travel in the same float64 buffer as ``count``, so every rank sees the same spread across
+        ranks and all of them raise together (no rank is left waiting in a collective). Vectors
+        that differ by less than about 1e-6 of a checksum pass (rounding across unlike machines)."""
         if not self.is_distributed:
             return total, count
+        import torch.distributed as dist
+
         from .distributed import all_reduce_sum
 
-        total, count_t = all_reduce_sum([total, torch.tensor([count], dtype=torch.float64, device=total.device)])
-        return total, float(count_t.item())
+        stats = [torch.tensor(float(count), dtype=torch.float64, device=total.device)]
+        if v is not None:
+            ramp = torch.linspace(1.0, 2.0, v.numel(), dtype=v.dtype, device=v.device)
+            sums = torch.stack([v.sum(dtype=torch.float64), (v * ramp).sum(dtype=torch.float64)])
+            scale = torch.linalg.vector_norm(v, 1, dtype=torch.float64).reshape(1)
+            stats += [sums, sums * sums, scale]
+        total, reduced = all_reduce_sum([total, torch.cat([s.reshape(-1) for s in stats])])
+        values = reduced.tolist()
+        if v is not None:
+            world = dist.get_world_size()
+            scale = values[5] / world
+            for total_sum, total_sq in zip(values[1:3], values[3:5]):
+                mean = total_sum / world
+                spread = max(total_sq / world - mean * mean, 0.0) ** 0.5
+                # identical vectors leave a spread of rounding size, about 1e-8 |mean| (cancellation)
+                if spread > 1e-6 * abs(mean) + 1e-9 * scale:
+                    raise ValueError(
+                        "the ranks multiplied this distributed HessianOperator by different vectors; "
+                        "its product sums the ranks' HVPs, so every rank must pass the same vector. "
+                        "Use generator=None or an int seed in the estimators (rank 0's seed is "
+                        "broadcast), seed an explicit torch.Generator alike on every rank, pass "
+                        "identical probes=, or use distributed=False for a per-rank operator"
+                    )
+        return total, values[0]
 
     # -- the Hessian -----------------------------------------------------------------------------
 
@@ -517,7 +554,7 @@ class HessianOperator(CurvatureOperator):
                 hv = _hvp_from_grads(grads, self.params, vectors, self.cache_graph, graph_was_built=True)
                 total.add_(flatten(hv), alpha=n)
                 count += n
-        total, count = self._reduce(total, count)
+        total, count = self._reduce(total, count, v)
         return total / count
 
     def gradient(self) -> torch.Tensor:

@@ -20,7 +20,7 @@ from .curvature import make_curvature, needs_graph
 __all__ = ["AdaHessian", "SecondOrderGraphError", "adahessian_update"]
 
 _GLOBAL_KEY = "adahessian"  # the optimizer-wide entry in self.state (step counter, probe generators)
-_OPTIONS = ("update_each", "seed", "foreach", "curvature", "_warned_nonfinite")  # kept by copies and pickles
+_OPTIONS = ("update_each", "seed", "foreach", "curvature", "_warned_nonfinite", "_distributed_mode")  # kept by copies and pickles
 _PICKLED_GENERATORS = "_adahessian_generator_states"
 
 
@@ -239,6 +239,13 @@ class AdaHessian(torch.optim.Optimizer):
             ``"gradient"`` (``g`` itself: AdamW) or a callable (see :mod:`hessopt.optim.curvature`).
         foreach: use the multi-tensor (``torch._foreach_*``) kernels (default: when all parameters
             are on CUDA).
+        distributed: ``None`` (default): when a ``torch.distributed`` process group is initialized
+            (e.g. under ``torchrun`` with a ``DistributedDataParallel`` model), keep the gradient's
+            graph away from DDP and average ``z * Hz`` over ranks, so every rank takes the step of
+            the global batch (:class:`hessopt.distributed.OptimizerSync`, ``docs/distributed.md``);
+            ``True``: the same, and a step without a process group raises; a
+            ``torch.distributed.ProcessGroup``: average over that group (pass the group given to
+            DDP's ``process_group=``); ``False``: never (independent optimizers per rank).
 
     Example:
         >>> opt = hessopt.AdaHessian(model.parameters(), lr=0.15, weight_decay=5e-4 / 0.15)
@@ -272,6 +279,7 @@ class AdaHessian(torch.optim.Optimizer):
         distribution: str = "rademacher",
         curvature: Any = None,
         foreach: Optional[bool] = None,
+        distributed: Any = None,
     ):
         _check_hyperparameters(lr, betas, eps, weight_decay, hessian_power, averaging, block_length)
         for name, value in (("update_each", update_each), ("n_samples", n_samples)):
@@ -279,6 +287,7 @@ class AdaHessian(torch.optim.Optimizer):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        _check_distributed(distributed)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -296,9 +305,10 @@ class AdaHessian(torch.optim.Optimizer):
         self._generators: Dict[torch.device, torch.Generator] = {}
         self._warned_nonfinite = False
         self.state[_GLOBAL_KEY] = {"step": 0, "seed": seed, "generator_states": {}}
-        # Under torch.distributed, gradient hooks must be in place before the first backward.
-        self._distributed = None
-        self._distributed_context()
+        # Gradient hooks must be in place before the first backward, even if the process group is
+        # initialized only after the optimizer is built; they are inert without one.
+        self._distributed_mode = distributed
+        self._distributed = _make_sync(self)
 
     # -- public state ----------------------------------------------------------------------------
 
@@ -364,6 +374,8 @@ class AdaHessian(torch.optim.Optimizer):
             "generator_states": {k: v.detach().cpu().clone() for k, v in glob["generator_states"].items()},
         }
         self._generators = {}  # rebuilt from the loaded states on first use
+        if getattr(self, "_distributed", None) is not None:
+            self._distributed.recheck()  # the loaded seed must agree across ranks too
 
     def __getstate__(self) -> Dict[str, Any]:
         """For ``copy.deepcopy`` and pickling: torch's ``Optimizer.__getstate__`` keeps only
@@ -382,8 +394,7 @@ class AdaHessian(torch.optim.Optimizer):
             glob = self.state[_GLOBAL_KEY]
             glob["generator_states"] = {**glob["generator_states"], **live}
             self._generators = {}
-            self._distributed = None
-            self._distributed_context()
+            self._distributed = _make_sync(self)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Add a parameter group; its hyper-parameters are validated like the constructor's."""
@@ -393,6 +404,8 @@ class AdaHessian(torch.optim.Optimizer):
             group["hessian_power"], group["averaging"], group["block_length"],
         )
         super().add_param_group(param_group)
+        if getattr(self, "_distributed", None) is not None:  # groups added after construction
+            self._distributed.watch()
 
     # -- the step --------------------------------------------------------------------------------
 
@@ -484,7 +497,7 @@ class AdaHessian(torch.optim.Optimizer):
             raise ValueError(f"the curvature source returned {len(raw)} tensors for {len(params)} parameters")
         raw = [r.detach() for r in raw]
         if dist_ctx:
-            raw = dist_ctx.average_curvature(raw)
+            raw = dist_ctx.average_curvature(params, raw)
         if inv_scale is not None:
             raw = torch._foreach_mul(raw, inv_scale)
         # one device-to-host transfer for all the flags instead of one sync per tensor
@@ -588,15 +601,8 @@ class AdaHessian(torch.optim.Optimizer):
     # -- bookkeeping -----------------------------------------------------------------------------
 
     def _distributed_context(self):
-        from ..distributed import is_distributed
-
-        if not is_distributed():
-            return None
-        if self._distributed is None:
-            from ..distributed import OptimizerSync
-
-            self._distributed = OptimizerSync(self)
-        return self._distributed
+        """The :class:`~hessopt.distributed.OptimizerSync` if this step runs under torch.distributed."""
+        return None if self._distributed is None else self._distributed.for_step()
 
     def _release_graphs(self) -> None:
         """Detach every gradient: frees the double-backward graph and the param<->grad reference cycle."""
@@ -611,6 +617,29 @@ class AdaHessian(torch.optim.Optimizer):
         super().zero_grad(set_to_none=set_to_none)
         if self._distributed is not None:
             self._distributed.clear()
+
+
+def _make_sync(optimizer: "AdaHessian"):
+    """The optimizer's :class:`~hessopt.distributed.OptimizerSync` (``None`` with ``distributed=False``)."""
+    import torch.distributed as dist
+
+    if optimizer._distributed_mode is False or not dist.is_available():
+        return None
+    from ..distributed import OptimizerSync
+
+    return OptimizerSync(optimizer, optimizer._distributed_mode)
+
+
+def _check_distributed(distributed) -> None:
+    if distributed is None or isinstance(distributed, bool):
+        return
+    import torch.distributed as dist
+
+    if not (dist.is_available() and isinstance(distributed, dist.ProcessGroup)):
+        raise TypeError(
+            "distributed must be None (automatic), True, False or a torch.distributed.ProcessGroup, "
+            f"got {type(distributed).__name__}"
+        )
 
 
 def _by_device_and_dtype(params: List[torch.Tensor]) -> Dict[Tuple[torch.device, torch.dtype], List[int]]:

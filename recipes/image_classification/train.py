@@ -288,6 +288,7 @@ def train_epoch(cfg, model, opt, loader, criterion, autocast, monitor, counters,
         seen += y.numel()
         if monitor is not None and monitor.due(counters["step"]):
             start = time.perf_counter()
+            sync_buffers(model, dist)
             monitor.step(counters["step"], epoch=epoch + 1)
             curvature_time += time.perf_counter() - start
         if hasattr(bar, "set_postfix") and counters["step"] % 10 == 0:
@@ -310,6 +311,19 @@ def evaluate(model, loader, criterion, autocast, dist, device) -> Tuple[float, f
         seen += y.numel()
     loss_sum, correct, seen = _all_reduce([loss_sum, correct, seen], dist)
     return float(loss_sum / seen), float(correct / seen)
+
+
+def sync_buffers(model: nn.Module, dist: Dist) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank.
+
+    DDP broadcasts rank 0's buffers at the start of every training forward, after which each rank
+    updates them with its own shard's batch statistics, so after a step they differ between ranks.
+    Evaluation and the curvature monitor (BatchNorm in eval mode) must use one set: rank 0's, the one
+    the checkpoint saves. Training is unchanged (DDP would broadcast the same values next forward).
+    """
+    if dist.world_size > 1:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
 
 
 def _all_reduce(tensors: List[torch.Tensor], dist: Dist) -> List[torch.Tensor]:
@@ -412,12 +426,6 @@ def main(cfg: Config) -> Dict[str, Any]:
     if dist.world_size > 1:
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     opt = build_optimizer(cfg, net)
-    if cfg.curvature_every > 0 and dist.world_size > 1 and isinstance(opt, hessopt.AdaHessian):
-        # Known issue: under torch.distributed, AdaHessian's gradient hooks (hessopt.distributed.OptimizerSync)
-        # detach every graph-carrying gradient of the parameters, so the monitor's HVPs would come out zero.
-        raise ValueError("--curvature-every with AdaHessian under torchrun is not supported yet (the optimizer's "
-                         "distributed gradient hooks break the monitor's Hessian-vector products): track the "
-                         "curvature in a single-process run, or use --opt sgd/adamw under torchrun")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
     criterion = nn.CrossEntropyLoss()
     amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else None
@@ -473,6 +481,7 @@ def main(cfg: Config) -> Dict[str, Any]:
         train_loss, train_acc, curvature_time = train_epoch(cfg, model, opt, train_loader, criterion, autocast,
                                                             monitor, counters, epoch, dist, device)
         sched.step()
+        sync_buffers(net, dist)
         val_loss, val_acc = evaluate(net, test_loader, criterion, autocast, dist, device)
         elapsed = time.perf_counter() - start - curvature_time
         record = {"epoch": epoch + 1, "step": counters["step"], "train_loss": train_loss, "train_acc": train_acc,
