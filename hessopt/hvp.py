@@ -208,6 +208,36 @@ def hvp(
     return _hvp_from_grads(grads, params, vectors, retain_graph=False, graph_was_built=True)
 
 
+def _hvp_forward_over_reverse(
+    loss_of: Callable[[TensorList], torch.Tensor],
+    params: Sequence[torch.Tensor],
+    vectors: Union[torch.Tensor, Sequence[torch.Tensor]],
+) -> TensorList:
+    r"""``Hv`` by forward-over-reverse differentiation: the directional derivative of the gradient,
+    :math:`Hv = \tfrac{d}{dt} \nabla L(\theta + t v)|_{t=0}`, as ``torch.func.jvp(torch.func.grad(L))``.
+
+    ``loss_of(list_of_tensors)`` must be a pure function of the tensors it is given (for a module:
+    ``torch.func.functional_call(model, dict(zip(names, tensors)), args)``). No backward graph is
+    stored, so memory stays near one forward pass with tangents; the cost is one forward and one
+    backward pass, each carrying tangents. Attention runs PyTorch's composite "math" kernel (the
+    fused kernels have no forward-mode derivative). In-place updates of captured tensors are not
+    allowed inside torch.func transforms: BatchNorm in train mode must not update running
+    statistics (:class:`hessopt.HessianOperator` detaches them). One jvp per product, never
+    ``vmap``: on torch 2.14 ``torch.func.hessian`` (``vmap`` over jvps) is wrong through
+    ``batch_norm`` and ``layer_norm``, while a single jvp of the gradient agrees with the double
+    backward (tests/test_fast_paths.py).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    params = list(params)
+    vectors = _check_vectors(vectors, params)
+    primals = tuple(p.detach() for p in params)
+    gradient = torch.func.grad(lambda *ps: loss_of(list(ps)).reshape(()), argnums=tuple(range(len(primals))))
+    with sdpa_kernel([SDPBackend.MATH]), _explain_compile_errors():
+        _, hv = torch.func.jvp(gradient, primals, tuple(v.detach() for v in vectors))
+    return list(hv)
+
+
 # --------------------------------------------------------------------------------------------------
 # Twice-differentiable scaled-dot-product attention
 # --------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, 
 import torch
 from torch import nn
 
-from .hvp import _hvp_from_grads, gradients_with_graph, second_order_safe
+from .hvp import _hvp_forward_over_reverse, _hvp_from_grads, gradients_with_graph, second_order_safe
 
 __all__ = [
     "CurvatureOperator",
@@ -284,6 +284,22 @@ def _has_running_stats(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
 
 
+#: how :class:`HessianOperator` computes a product (its ``method=``)
+HVP_METHODS = ("reverse", "forward_over_reverse")
+
+
+def _check_forward_over_reverse(model: nn.Module, names: List[str], params: List[torch.Tensor]) -> None:
+    """Forward-over-reverse swaps the model's parameters through ``functional_call``, so it can only
+    differentiate parameters the model owns."""
+    own = {id(p) for p in model.parameters()}
+    foreign = [n for n, p in zip(names, params) if id(p) not in own]
+    if foreign:
+        raise ValueError(
+            f"method='forward_over_reverse' differentiates the model's own parameters only; {foreign} "
+            "are not parameters of the model: pass model parameters or use method='reverse'"
+        )
+
+
 @contextlib.contextmanager
 def _operator_mode(model: nn.Module, bn_mode: str) -> Iterator[None]:
     """Put ``model`` in the operator's mode, and restore it exactly on exit.
@@ -351,6 +367,12 @@ class HessianOperator(CurvatureOperator):
             (two checksums) and raises. A ``DistributedDataParallel`` model is unwrapped (same
             parameters). See ``docs/distributed.md``.
         progress: show a progress bar over batches (only useful for large data sets).
+        method: how each product is computed: ``"reverse"`` (default; reverse-over-reverse, a
+            double backward through the gradient's graph, which ``cache_graph`` can keep) or
+            ``"forward_over_reverse"`` (``torch.func.jvp`` of ``torch.func.grad``: no backward graph
+            is stored, so it needs less memory and no cache; attention runs the composite kernel).
+            Both give the same products (tested in float64, BatchNorm in both modes, LayerNorm,
+            attention); which is faster depends on the model and device.
 
     Attributes:
         params, param_names, shapes, num_params, dtype, device.
@@ -370,6 +392,7 @@ class HessianOperator(CurvatureOperator):
         cache_graph: Optional[bool] = None,
         distributed: Optional[bool] = None,
         progress: bool = False,
+        method: str = "reverse",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -411,6 +434,12 @@ class HessianOperator(CurvatureOperator):
         if hasattr(self._data, "__len__") and len(self._data) == 0:
             raise ValueError("data is empty: pass at least one (inputs, targets) batch")
         self.cache_graph = self._single if cache_graph is None else bool(cache_graph)
+        if method not in HVP_METHODS:
+            raise ValueError(f"method must be one of {HVP_METHODS}, got {method!r}")
+        if method == "forward_over_reverse":
+            _check_forward_over_reverse(model, self.param_names, self.params)
+            self.cache_graph = False  # there is no graph to keep
+        self.method = method
         self._distributed = distributed
         self._cache: Optional[List[Tuple[List[Optional[torch.Tensor]], float]]] = None
 
@@ -546,12 +575,39 @@ class HessianOperator(CurvatureOperator):
             self._cache = [self._batch_grads(batch)[:2] for batch in self._batches()]
         yield from self._cache
 
+    def _products(self, vectors: List[torch.Tensor]) -> Iterator[Tuple[List[torch.Tensor], float]]:
+        """``(Hv of one batch's mean loss, batch size)`` for every batch, by the operator's method."""
+        if self.method == "forward_over_reverse":
+            for batch in self._batches():
+                yield self._forward_over_reverse(batch, vectors)
+            return
+        for grads, n in self._graphs():
+            yield _hvp_from_grads(grads, self.params, vectors, self.cache_graph, graph_was_built=True), n
+
+    def _forward_over_reverse(self, batch: Batch, vectors: List[torch.Tensor]) -> Tuple[List[torch.Tensor], float]:
+        from torch.func import functional_call
+
+        inputs, targets = _to_device(batch[0], self.device), _to_device(batch[1], self.device)
+        n = _batch_size(inputs, targets)
+        args, kwargs = (((), inputs) if isinstance(inputs, dict)
+                        else (tuple(inputs), {}) if isinstance(inputs, (tuple, list)) else ((inputs,), {}))
+
+        def loss_of(tensors: List[torch.Tensor]) -> torch.Tensor:
+            outputs = functional_call(self.model, dict(zip(self.param_names, tensors)), args, kwargs)
+            loss = self.loss_fn(outputs, targets)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise ValueError(f"loss_fn must return a scalar mean loss, got {shape}; use reduction='mean'")
+            return loss
+
+        with _operator_mode(self.model, self.bn_mode):
+            return _hvp_forward_over_reverse(loss_of, self.params, vectors), float(n)
+
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         vectors = unflatten(v, self.shapes)
         total, count = torch.zeros_like(v), 0.0
         with self._rng_guard():
-            for grads, n in self._graphs():
-                hv = _hvp_from_grads(grads, self.params, vectors, self.cache_graph, graph_was_built=True)
+            for hv, n in self._products(vectors):
                 total.add_(flatten(hv), alpha=n)
                 count += n
         total, count = self._reduce(total, count, v)

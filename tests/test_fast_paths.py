@@ -456,3 +456,71 @@ def test_finite_flags():
     nan = torch.tensor([[float("nan")]], dtype=DT)
     assert finite_flags([big, bad, nan, torch.zeros(3), torch.ones(())]) == [True, False, False, True, True]
     assert finite_flags([]) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward-over-reverse products (HessianOperator(method="forward_over_reverse"))
+# ---------------------------------------------------------------------------------------------
+
+
+def _tiny_gpt():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.gpt import GPT, lm_loss
+
+    torch.manual_seed(0)
+    model = GPT(vocab_size=11, d_model=8, n_layers=2, n_heads=2, max_len=6).to(DT)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" in name:
+                p.add_(torch.randn(p.shape, generator=_gen(9), dtype=DT) * 0.3)
+    tokens = torch.randint(0, 11, (3, 7), generator=_gen(0))
+    return model, lm_loss, (tokens[:, :-1], tokens[:, 1:])
+
+
+def _for_cases():
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.GroupNorm(2, 4),
+                        nn.Tanh(), nn.Conv2d(4, 4, 1), nn.InstanceNorm2d(4, affine=True), nn.Flatten(),
+                        nn.Linear(16, 3)).to(DT)
+    cnn.train()
+    g = _gen(0)
+    x = torch.randn(8, 2, 4, 4, generator=g, dtype=DT)
+    cnn(x)  # running statistics
+    labels = torch.randint(0, 3, (8,), generator=g)
+    batches = [(x[:5], labels[:5]), (x[5:], labels[5:])]  # unequal batches: weighted average
+    return {"cnn": (cnn, F.cross_entropy, batches), "gpt": _tiny_gpt()}
+
+
+@pytest.mark.parametrize("case,bn_mode", [("cnn", "eval"), ("cnn", "train"), ("gpt", "eval")])
+def test_forward_over_reverse_operator_matches_reverse(case, bn_mode, snapshot, assert_unchanged):
+    """BatchNorm (batch and running statistics), GroupNorm, InstanceNorm, LayerNorm, attention
+    with PyTorch's default kernel: forward-over-reverse equals the double backward."""
+    model, loss_fn, data = _for_cases()[case]
+    before = snapshot(model)
+    ops = {m: hessopt.HessianOperator(model, loss_fn, data, bn_mode=bn_mode, method=m)
+           for m in ("reverse", "forward_over_reverse")}
+    v = torch.randn(ops["reverse"].num_params, 2, generator=_gen(3), dtype=DT)
+    expected = ops["reverse"] @ v
+    _close(ops["forward_over_reverse"] @ v, expected)
+    assert expected.abs().max() > 1e-3
+    assert_unchanged(model, before)
+    assert ops["forward_over_reverse"].cache_graph is False
+
+
+def test_forward_over_reverse_bad_input():
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 2, 3, 3, dtype=DT), torch.tensor([0, 1, 0, 1])
+    model = nn.Sequential(nn.Conv2d(2, 2, 1), nn.Flatten(), nn.Linear(18, 2)).to(DT)
+    extra = torch.zeros(2, dtype=DT, requires_grad=True)
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        hessopt.HessianOperator(model, F.cross_entropy, (x, y), params=[model[0].weight, extra],
+                                method="forward_over_reverse")
+    with pytest.raises(ValueError, match="method must be one of"):
+        hessopt.HessianOperator(model, F.cross_entropy, (x, y), method="forward")
+    op = hessopt.HessianOperator(model, lambda out, t: F.cross_entropy(out, t, reduction="none"), (x, y),
+                                 method="forward_over_reverse")
+    with pytest.raises(ValueError, match="scalar mean loss"):
+        op @ torch.zeros(op.num_params, dtype=DT)
