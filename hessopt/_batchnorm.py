@@ -75,9 +75,12 @@ __all__ = ["batch_norm", "torch_batch_norm", "ORIGINAL_F_BATCH_NORM", "ORIGINAL_
 
 ORIGINAL_F_BATCH_NORM = F.batch_norm
 ORIGINAL_TORCH_BATCH_NORM = torch.batch_norm
-_NATIVE = torch.ops.aten.native_batch_norm.default
-_NATIVE_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
+_NATIVE = torch.native_batch_norm
+# the C++ entry point of the op (skips a Python layer per call: this runs once per layer and pass)
+_NATIVE_BACKWARD = getattr(torch.ops.aten.native_batch_norm_backward.default, "_op",
+                           torch.ops.aten.native_batch_norm_backward.default)
 _FAST_DTYPES = (torch.float32, torch.float64)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _layout(x: torch.Tensor) -> Tuple[List[int], Tuple[int, ...], int]:
@@ -179,9 +182,8 @@ class _BatchNormBackward(torch.autograd.Function):
             kernel_mask = [mask[0], True, True]
         else:
             kernel_mask = list(mask)
-        with torch._C.DisableTorchFunction():
-            gx, gw, gb = _NATIVE_BACKWARD(grad_out, x, weight, running_mean, running_var, save_mean, save_invstd,
-                                          training, eps, kernel_mask)
+        gx, gw, gb = _NATIVE_BACKWARD(grad_out, x, weight, running_mean, running_var, save_mean, save_invstd,
+                                      training, eps, kernel_mask)
         # detached aliases: keeping the outputs themselves on ctx would make a reference cycle
         ctx.sums = (gb.detach(), gw.detach()) if training and weight is not None else None
         ctx.save_for_backward(x, weight, grad_out, running_mean, running_var, save_mean, save_invstd)
@@ -189,6 +191,11 @@ class _BatchNormBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, a, c_w, c_b):  # type: ignore[override]
+        with torch._C.DisableTorchFunction():  # plain tensors only; skips any active mode per op
+            return _BatchNormBackward._backward(ctx, a, c_w, c_b)
+
+    @staticmethod
+    def _backward(ctx, a, c_w, c_b):
         x, weight, g, running_mean, running_var, save_mean, save_invstd = ctx.saved_tensors
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         differentiable = torch.is_grad_enabled()  # a create_graph=True HVP: third derivatives follow
@@ -218,8 +225,7 @@ class _BatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):  # type: ignore[override]
         ctx.set_materialize_grads(False)
-        with torch._C.DisableTorchFunction():
-            out, save_mean, save_invstd = _NATIVE(x, weight, bias, running_mean, running_var, training, momentum, eps)
+        out, save_mean, save_invstd = _NATIVE(x, weight, bias, running_mean, running_var, training, momentum, eps)
         ctx.training, ctx.eps, ctx.has_bias = training, eps, bias is not None
         if training:
             # the running statistics were just updated in place; the backward does not read them
@@ -234,40 +240,39 @@ class _BatchNorm(torch.autograd.Function):
             return (None,) * 8
         mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
                 ctx.has_bias and ctx.needs_input_grad[2]]
-        if torch.is_grad_enabled():  # create_graph=True: record the backward as a differentiable node
-            gx, gw, gb = _BatchNormBackward.apply(x, weight, grad_out, running_mean, running_var, save_mean,
-                                                  save_invstd, ctx.training, ctx.eps, mask)
-        else:
-            with torch._C.DisableTorchFunction():
+        with torch._C.DisableTorchFunction():
+            if torch.is_grad_enabled():  # create_graph=True: record the backward as a differentiable node
+                gx, gw, gb = _BatchNormBackward.apply(x, weight, grad_out, running_mean, running_var, save_mean,
+                                                      save_invstd, ctx.training, ctx.eps, mask)
+            else:
                 gx, gw, gb = _NATIVE_BACKWARD(grad_out, x, weight, running_mean, running_var, save_mean,
                                               save_invstd, ctx.training, ctx.eps, mask)
         return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
                 None, None, None, None, None)
 
 
-def _plain_tensor(t) -> bool:
-    return t is None or type(t) in (torch.Tensor, torch.nn.Parameter)
+def _plain(*tensors) -> bool:
+    """No tensor subclass (those keep their own ``__torch_function__`` handling)."""
+    return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
 def _use_fast_path(x, weight, bias, running_mean, running_var, training) -> bool:
-    if not (isinstance(x, torch.Tensor) and x.dtype in _FAST_DTYPES and x.dim() >= 2):
-        return False
-    tensors = (x, weight, bias, running_mean, running_var)
-    if not all(_plain_tensor(t) for t in tensors):
-        return False  # tensor subclasses keep their own __torch_function__ handling
-    if any(t is not None and (t.dtype != x.dtype or t.device != x.device) for t in tensors[1:]):
-        return False
-    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        return False  # nothing to differentiate: the plain call is the same and cheaper
-    if not training and (running_mean is None or running_var is None):
-        return False  # PyTorch raises its own error
-    if (running_mean is not None and running_mean.requires_grad) or (running_var is not None and running_var.requires_grad):
-        return False  # differentiable statistics: leave it to PyTorch's general formula
-    if torch._C._are_functorch_transforms_active() or torch._C._functorch.is_functorch_wrapped_tensor(x):
-        return False  # torch.func transforms need rules this Function does not define
-    if torch.autograd.forward_ad._current_level >= 0:  # forward-mode AD (dual tensors) is in use
-        return False
-    return True
+    """Whether the fast path applies (plain tensors, checked by the caller; torch function disabled)."""
+    dtype = x.dtype
+    return (
+        dtype in _FAST_DTYPES
+        and x.dim() >= 2
+        and (weight is None or weight.dtype == dtype)
+        and (bias is None or bias.dtype == dtype)
+        and (running_mean is None or (running_mean.dtype == dtype and not running_mean.requires_grad))
+        and (running_var is None or (running_var.dtype == dtype and not running_var.requires_grad))
+        and (training or (running_mean is not None and running_var is not None))  # else PyTorch's error
+        and torch.is_grad_enabled()
+        and (x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad))
+        and not torch._C._are_functorch_transforms_active()  # torch.func needs rules this does not define
+        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+        and torch.autograd.forward_ad._current_level < 0  # forward-mode AD (dual tensors)
+    )
 
 
 def batch_norm(
@@ -281,20 +286,26 @@ def batch_norm(
     eps: float = 1e-5,
 ) -> torch.Tensor:
     """Drop-in for ``F.batch_norm`` (same signature, same checks, same running-statistics updates)."""
-    if not _use_fast_path(input, weight, bias, running_mean, running_var, training):
+    if not _plain(input, weight, bias, running_mean, running_var):
         return ORIGINAL_F_BATCH_NORM(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if training:
-        F._verify_batch_size(input.size())
-    if training and eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    return _BatchNorm.apply(input, weight, bias, running_mean, running_var, bool(training), momentum, eps)
+    # plain tensors: skip any active mode's Python dispatch (one per tensor attribute access otherwise)
+    with torch._C.DisableTorchFunction():
+        if not _use_fast_path(input, weight, bias, running_mean, running_var, training):
+            return ORIGINAL_F_BATCH_NORM(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        if training:
+            F._verify_batch_size(input.size())
+        if training and eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+        if eps < 0.0:
+            raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+        return _BatchNorm.apply(input, weight, bias, running_mean, running_var, bool(training), momentum, eps)
 
 
 def torch_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled=True):
     """Drop-in for ``torch.batch_norm`` (argument order of the aten op)."""
-    if not _use_fast_path(input, weight, bias, running_mean, running_var, training):
-        return ORIGINAL_TORCH_BATCH_NORM(input, weight, bias, running_mean, running_var, training, momentum, eps,
-                                         cudnn_enabled)
-    return _BatchNorm.apply(input, weight, bias, running_mean, running_var, bool(training), momentum, eps)
+    if _plain(input, weight, bias, running_mean, running_var):
+        with torch._C.DisableTorchFunction():
+            if _use_fast_path(input, weight, bias, running_mean, running_var, training):
+                return _BatchNorm.apply(input, weight, bias, running_mean, running_var, bool(training), momentum, eps)
+    return ORIGINAL_TORCH_BATCH_NORM(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                                     cudnn_enabled)

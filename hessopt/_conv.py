@@ -33,8 +33,11 @@ import torch
 __all__ = ["ORIGINAL_CONV", "conv"]
 
 ORIGINAL_CONV = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
-_CONVOLUTION = torch.ops.aten.convolution.default
-_CONVOLUTION_BACKWARD = torch.ops.aten.convolution_backward.default
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_CONVOLUTION = torch.convolution
+# the C++ entry point of the op (skips a Python layer per call: this runs once per layer and pass)
+_CONVOLUTION_BACKWARD = getattr(torch.ops.aten.convolution_backward.default, "_op",
+                                torch.ops.aten.convolution_backward.default)
 
 
 def _tuple(value: Union[int, Sequence[int]], n: int) -> List[int]:
@@ -70,8 +73,7 @@ class _ConvBackward(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.config = config
         ctx.save_for_backward(x, w, g)
-        with torch._C.DisableTorchFunction():
-            gx, gw, gb = config.backward(g, x, w, [w.shape[0]] if has_bias else None, mask)
+        gx, gw, gb = config.backward(g, x, w, [w.shape[0]] if has_bias else None, mask)
         return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None)
 
     @staticmethod
@@ -80,7 +82,7 @@ class _ConvBackward(torch.autograd.Function):
         config = ctx.config
         need_x, need_w, need_g = ctx.needs_input_grad[:3]
         x_bar = w_bar = g_bar = None
-        with torch._C.DisableTorchFunction():
+        with torch._C.DisableTorchFunction():  # plain tensors only; skips any active mode per op
             if need_x and c_w is not None:
                 x_bar = config.backward(g, x, c_w, None, [True, False, False])[0]
             if need_w and a is not None:
@@ -105,8 +107,7 @@ class _Conv(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.config, ctx.has_bias = config, b is not None
         ctx.save_for_backward(x, w)
-        with torch._C.DisableTorchFunction():
-            return config.forward(x, w, b)
+        return config.forward(x, w, b)
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
@@ -114,38 +115,30 @@ class _Conv(torch.autograd.Function):
             return None, None, None, None
         x, w = ctx.saved_tensors
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-        if torch.is_grad_enabled():  # create_graph=True: record the backward as a differentiable node
-            gx, gw, gb = _ConvBackward.apply(x, w, g, ctx.config, ctx.has_bias, mask)
-        else:
-            with torch._C.DisableTorchFunction():
+        with torch._C.DisableTorchFunction():
+            if torch.is_grad_enabled():  # create_graph=True: record the backward as a differentiable node
+                gx, gw, gb = _ConvBackward.apply(x, w, g, ctx.config, ctx.has_bias, mask)
+            else:
                 gx, gw, gb = ctx.config.backward(g, x, w, [w.shape[0]] if ctx.has_bias else None, mask)
         return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None)
 
 
-def _plain_tensor(t) -> bool:
-    return t is None or type(t) in (torch.Tensor, torch.nn.Parameter)
-
-
 def _use_fast_path(n, x, w, b, padding) -> bool:
-    if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor)):
-        return False
-    if not (x.is_floating_point() and x.dim() == n + 2 and w.dim() == n + 2):
-        return False  # unbatched inputs and integer tensors: PyTorch's own checks and messages
-    if isinstance(padding, str) and padding != "valid":
-        return False
-    if not (_plain_tensor(x) and _plain_tensor(w) and _plain_tensor(b)):
-        return False
-    if w.dtype != x.dtype or w.device != x.device or (b is not None and (b.dtype != x.dtype or b.device != x.device)):
-        return False
-    if not torch.is_grad_enabled() or not (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
-        return False
-    if torch.is_autocast_enabled(x.device.type):
-        return False  # autocast casts inside the kernel call; leave the casting to PyTorch
-    if torch._C._are_functorch_transforms_active() or torch._C._functorch.is_functorch_wrapped_tensor(x):
-        return False
-    if torch.autograd.forward_ad._current_level >= 0:
-        return False
-    return True
+    """Whether the fast path applies (plain tensors, checked by the caller; torch function disabled)."""
+    return (
+        x.dim() == n + 2
+        and w.dim() == n + 2  # unbatched inputs: PyTorch's own checks and messages
+        and x.is_floating_point()
+        and w.dtype == x.dtype
+        and (b is None or b.dtype == x.dtype)
+        and not (isinstance(padding, str) and padding != "valid")
+        and torch.is_grad_enabled()
+        and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
+        and not torch.is_autocast_enabled(x.device.type)  # autocast casts inside the kernel call
+        and not torch._C._are_functorch_transforms_active()  # torch.func needs rules this does not define
+        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+        and torch.autograd.forward_ad._current_level < 0  # forward-mode AD (dual tensors)
+    )
 
 
 def conv(n: int):
@@ -153,11 +146,15 @@ def conv(n: int):
     original = ORIGINAL_CONV[n]
 
     def conv_nd(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-        if not _use_fast_path(n, input, weight, bias, padding):
-            return original(input, weight, bias, stride, padding, dilation, groups)
-        if padding == "valid":
-            padding = 0
-        return _Conv.apply(input, weight, bias, _Config(n, stride, padding, dilation, groups))
+        if type(input) in _PLAIN and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN):
+            # plain tensors: no __torch_function__ to honour, so skip any active mode's Python
+            # dispatch (one per tensor attribute access otherwise)
+            with torch._C.DisableTorchFunction():
+                if _use_fast_path(n, input, weight, bias, padding):
+                    config = _Config(n, stride, 0 if padding == "valid" else padding, dilation, groups)
+                    return _Conv.apply(input, weight, bias, config)
+                return original(input, weight, bias, stride, padding, dilation, groups)
+        return original(input, weight, bias, stride, padding, dilation, groups)
 
     conv_nd.__name__ = conv_nd.__qualname__ = f"conv{n}d"
     return conv_nd

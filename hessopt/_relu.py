@@ -31,18 +31,18 @@ ORIGINALS = {
     "Tensor.relu": torch.Tensor.relu,
     "Tensor.relu_": torch.Tensor.relu_,
 }
-_THRESHOLD_BACKWARD = torch.ops.aten.threshold_backward.default
+_THRESHOLD_BACKWARD = getattr(torch.ops.aten.threshold_backward.default, "_op",
+                              torch.ops.aten.threshold_backward.default)
 
 
 class _ReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, inplace):  # type: ignore[override]
-        with torch._C.DisableTorchFunction():
-            if inplace:
-                ctx.mark_dirty(x)
-                out = torch.relu_(x)
-            else:
-                out = torch.relu(x)
+        if inplace:
+            ctx.mark_dirty(x)
+            out = torch.relu_(x)
+        else:
+            out = torch.relu(x)
         ctx.save_for_backward(out)
         return out
 
@@ -55,23 +55,25 @@ class _ReLU(torch.autograd.Function):
             return _THRESHOLD_BACKWARD(g, out.detach(), 0), None
 
 
-def _use_fast_path(x) -> bool:
-    return (
-        type(x) in (torch.Tensor, torch.nn.Parameter)
-        and x.is_floating_point()
-        and torch.is_grad_enabled()
-        and x.requires_grad
-        and not torch._C._are_functorch_transforms_active()
-        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-        and torch.autograd.forward_ad._current_level < 0
-    )
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """Drop-in for ``F.relu``."""
-    if not _use_fast_path(input):
-        return ORIGINAL_F_RELU(input, inplace=inplace)
-    return _ReLU.apply(input, bool(inplace))
+    if type(input) in _PLAIN:
+        # plain tensor: skip any active mode's Python dispatch (one per attribute access otherwise)
+        with torch._C.DisableTorchFunction():
+            if (
+                input.requires_grad
+                and torch.is_grad_enabled()
+                and input.is_floating_point()
+                and not torch._C._are_functorch_transforms_active()  # torch.func needs rules this does not define
+                and not torch._C._functorch.is_functorch_wrapped_tensor(input)
+                and torch.autograd.forward_ad._current_level < 0  # forward-mode AD (dual tensors)
+            ):
+                return _ReLU.apply(input, bool(inplace))
+            return torch.relu_(input) if inplace else torch.relu(input)
+    return ORIGINAL_F_RELU(input, inplace=inplace)
 
 
 def relu_(input: torch.Tensor) -> torch.Tensor:

@@ -524,3 +524,72 @@ def test_forward_over_reverse_bad_input():
                                  method="forward_over_reverse")
     with pytest.raises(ValueError, match="scalar mean loss"):
         op @ torch.zeros(op.num_params, dtype=DT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: nothing of hessopt keeps a graph alive after a step or a fresh product
+# ---------------------------------------------------------------------------------------------
+
+
+class _WatchActivation(nn.Module):
+    """tanh that keeps a weak reference to its output: an activation every graph here saves."""
+
+    def forward(self, h):
+        out = torch.tanh(h)
+        self.ref = __import__("weakref").ref(out)
+        return out
+
+
+def _watched_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), _WatchActivation(), nn.Flatten(),
+                         nn.Linear(12, 2)).to(DT)
+
+
+@pytest.mark.parametrize("n_samples", [1, 3])
+def test_adahessian_step_frees_the_graph(n_samples):
+    model = _watched_model()
+    x, y = torch.randn(4, 2, 4, 4, generator=_gen(0), dtype=DT), torch.tensor([0, 1, 1, 0])
+    opt = hessopt.AdaHessian(model.parameters(), n_samples=n_samples)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.grad_fn is None
+    assert model[3].ref() is None, "the forward graph (and its saved activations) outlived the step"
+    assert all(not p.grad.requires_grad for p in model.parameters())
+
+
+def test_fresh_operator_product_frees_the_graph():
+    model = _watched_model()
+    x, y = torch.randn(4, 2, 4, 4, generator=_gen(0), dtype=DT), torch.tensor([0, 1, 1, 0])
+    for method in ("reverse", "forward_over_reverse"):
+        op = hessopt.HessianOperator(model, F.cross_entropy, [(x, y)], bn_mode="train", method=method)
+        op @ torch.ones(op.num_params, dtype=DT)
+        assert model[3].ref() is None, method
+
+
+def test_profile_script_smoke(tmp_path):
+    """benchmarks/profile_hvp.py runs end to end on CPU (toy size, two contenders) and writes its files."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import profile_hvp
+
+    out = tmp_path / "prof"
+    profile_hvp.main(["--device", "cpu", "--quick", "--workloads", "cifar_resnet20_b128", "--repeats", "1",
+                      "--warmup", "0", "--methods", "hessopt_hvp,adahessian_step", "--out", str(out),
+                      "--profile-rows", "5"])
+    data = json.loads((out / "profile_hvp.json").read_text())
+    rec = data["workloads"]["cifar_resnet20_b128_quick"]
+    assert rec["times"]["hessopt_hvp"]["error"] is None and rec["times"]["hessopt_hvp"]["median_ms"] > 0
+    assert rec["times"]["adahessian_step"]["ratio_to_adamw"] > 0
+    assert rec["exactness"]["hessopt_hvp_vs_plain"] < 1e-4
+    assert rec["exactness"]["forward_over_reverse_vs_reverse_operator"] < 1e-4
+    assert "hessopt_hvp" in rec["profiles"] and (out / "profile_hvp.txt").exists()
