@@ -141,6 +141,52 @@ def _train_vjp(x, weight, g, a, c_w, c_b, mu, r, g1, g2, need):
     return x_bar, w_bar, g_bar
 
 
+def _train_vjp_multi_tensor(x, weight, g, a, c_w, c_b, mu, r, g1, g2, need):
+    """:func:`_train_vjp` for the usual HVP case (``a`` present, no third derivative): the same
+    formulas, with the per-channel arithmetic batched into multi-tensor (``torch._foreach_*``)
+    calls: 8 small kernel launches per layer instead of about 22 (the 12 full-size passes are the
+    same). Not differentiable again (the caller uses :func:`_train_vjp` for that)."""
+    dims, shape, m = _layout(x)
+    need_x, need_w, need_g = need
+    zeros = None
+    if c_w is None or c_b is None:
+        zeros = torch.zeros_like(r)
+    c_w = zeros if c_w is None else c_w.reshape(-1)
+    c_b = zeros if c_b is None else c_b.reshape(-1)
+    k = r if weight is None else None  # gamma r, computed with the first batch of products
+    x_hat = (x - mu.view(shape)) * r.view(shape)
+    a1 = a.sum(dims)
+    a2 = (a * x_hat).sum(dims)
+    sag = (a * g).sum(dims)
+    # products of per-channel sums (one launch): a1 g1, a2 g2, a1 g2, g1 a2, c_w g1, r c_w [, gamma r]
+    left, right = [a1, a2, a1, g1, c_w, r], [g1, g2, g2, a2, g1, c_w]
+    if k is None:
+        left.append(weight)
+        right.append(r)
+    a1g1, a2g2, a1g2, g1a2, cwg1, rcw, *rest = torch._foreach_mul(left, right)
+    k = rest[0] if rest else k
+    kr = k * r
+    p, q, nr = torch._foreach_mul([k, kr, r], [1.0 / m, -1.0 / m, -1.0 / m])  # gamma r/M, -gamma r^2/M, -r/M
+    t1, t2 = torch._foreach_add([a1g1, a1g2], [a2g2, g1a2])  # A1 G1 + A2 G2,  A1 G2 + G1 A2
+    s = torch.add(sag, t1, alpha=-1.0 / m)  # S
+    # c0 = c_b - p A1, c1 = c_w - p A2, sum_u = c_w G1 - p t2, v1 = c_w - 2 p A2, alpha_g = r c_w + q A2
+    c0, c1, sum_u, v1, alpha_g = torch._foreach_addcmul([c_b, c_w, cwg1, c_w, rcw], [p, p, p, p, q],
+                                                        [a1, a2, t2, a2, a2], [-1.0, -1.0, -1.0, -2.0, 1.0])
+    alpha_a, sum_ux, w_bar = torch._foreach_mul([q, g2, r], [g2, v1, s])
+    alpha_0, alpha_x = torch._foreach_mul([nr, nr], [sum_u, sum_ux])
+    alpha_x = torch.addcmul(alpha_x, q, s)
+
+    x_bar = g_bar = None
+    if need_g:  # gamma r (a - A1/M - x_hat A2/M) + c_w x_hat + c_b
+        g_bar = torch.addcmul(torch.addcmul(c0.view(shape), x_hat, c1.view(shape)), a, k.view(shape))
+    if need_x:  # alpha_a a + alpha_g g + alpha_x x_hat + alpha_0
+        x_bar = torch.addcmul(alpha_0.view(shape), x_hat, alpha_x.view(shape))
+        x_bar = torch.addcmul(x_bar, a, alpha_a.view(shape))
+        x_bar = torch.addcmul(x_bar, g, alpha_g.view(shape))
+    w_bar = w_bar.reshape(weight.shape) if (need_w and weight is not None) else None
+    return x_bar, w_bar, g_bar
+
+
 def _eval_vjp(x, weight, g, a, c_w, c_b, mu, r, need):
     """``(x_bar, weight_bar, g_bar)`` of the eval-mode backward (running statistics constant)."""
     dims, shape, _ = _layout(x)
@@ -211,7 +257,8 @@ class _BatchNormBackward(torch.autograd.Function):
             else:  # (affine=False: the kernel did not produce the sums)
                 g1 = g.sum(dims)
                 g2 = (g * ((x - mu.reshape(shape)) * r.reshape(shape))).sum(dims)
-            gx, gw, gg = _train_vjp(x, weight, g, a, c_w, c_b, mu, r, g1, g2, need)
+            vjp = _train_vjp if (differentiable or a is None) else _train_vjp_multi_tensor
+            gx, gw, gg = vjp(x, weight, g, a, c_w, c_b, mu, r, g1, g2, need)
         else:
             r = torch.rsqrt(running_var + ctx.eps)
             gx, gw, gg = _eval_vjp(x, weight, g, a, c_w, c_b, running_mean, r, need)

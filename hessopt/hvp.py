@@ -19,10 +19,19 @@ attention keeps its fused forward kernel, and only a backward that builds a grap
 ``create_graph=True`` one) recomputes attention with PyTorch's composite "math" formulation, whose
 derivative is twice differentiable.
 
+The same block also routes the layers whose double backward PyTorch computes slowly to fast paths
+that give exactly PyTorch's derivatives (float64 tests against the plain path in
+tests/test_fast_paths.py): BatchNorm (:mod:`hessopt._batchnorm`, a closed-form double backward
+instead of the ~100-kernel ``batchnorm_double_backward``), convolutions (:mod:`hessopt._conv`, the
+double backward from PyTorch's own convolution kernels, without the batch-transposed
+weight-gradient convolution and its copies) and ReLU (:mod:`hessopt._relu`, no zero cotangents sent
+through the network). :func:`fast_paths` switches them off, for comparisons or as an escape hatch.
+
 Functions:
     hvp(loss_fn, params, vectors):             builds the gradient graph, then one HVP.
     hvp_from_grads(grads, params, vectors):    one HVP from gradients that carry their graph.
     second_order_safe():                       context manager, see above.
+    fast_paths(batchnorm=, conv=, relu=):      context manager switching the fast paths.
 """
 from __future__ import annotations
 
@@ -406,7 +415,9 @@ def second_order_safe() -> Iterator[None]:
     module attribute ``torch.nn.functional.scaled_dot_product_attention`` (which ``nn.MultiheadAttention``
     and most libraries look up at call time) and through a ``TorchFunctionMode`` (for code that
     imported the function directly). Attention with ``dropout_p > 0`` runs in the math formulation.
-    Re-entrant; the module attribute is process-global while any thread is inside the block.
+    ``F.batch_norm``, ``F.conv1d/2d/3d`` and ``F.relu`` (and their ``torch.*`` spellings) take the
+    fast paths of the module docstring: same values and derivatives, faster double backward.
+    Re-entrant; the module attributes are process-global while any thread is inside the block.
 
     Example:
         >>> with hessopt.second_order_safe():

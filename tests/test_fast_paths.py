@@ -231,6 +231,30 @@ def test_batchnorm_partial_requires_grad():
         _close(hvs[0], hvs[1])
 
 
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("missing", [(), ("c_w",), ("c_b",), ("c_w", "c_b")])
+def test_batchnorm_multi_tensor_double_backward_equals_reference(affine, missing):
+    """The batched per-channel arithmetic gives the plain-op formula's values."""
+    from hessopt import _batchnorm as bn
+
+    g = _gen(7)
+    x, grad_out, a = (torch.randn(4, 3, 2, 5, generator=g, dtype=DT) for _ in range(3))
+    weight = torch.rand(3, generator=g, dtype=DT) + 0.5 if affine else None
+    var, mu = torch.var_mean(x, [0, 2, 3], correction=0)
+    r = torch.rsqrt(var + 1e-5)
+    x_hat = (x - mu.view(1, 3, 1, 1)) * r.view(1, 3, 1, 1)
+    g1, g2 = grad_out.sum([0, 2, 3]), (grad_out * x_hat).sum([0, 2, 3])
+    cot = {"c_w": torch.randn(3, generator=g, dtype=DT), "c_b": torch.randn(3, generator=g, dtype=DT)}
+    c_w, c_b = (None if k in missing else cot[k] for k in ("c_w", "c_b"))
+    need = (True, True, True)
+    expected = bn._train_vjp(x, weight, grad_out, a, c_w, c_b, mu, r, g1, g2, need)
+    actual = bn._train_vjp_multi_tensor(x, weight, grad_out, a, c_w, c_b, mu, r, g1, g2, need)
+    for e, got in zip(expected, actual):
+        assert (e is None) == (got is None)
+        if e is not None:
+            _close(got, e, rtol=1e-12, atol=1e-13)
+
+
 def test_batchnorm_direct_calls_are_routed():
     """torch.batch_norm and an F.batch_norm imported before the block are intercepted too."""
     from torch.nn.functional import batch_norm as imported_batch_norm
