@@ -369,7 +369,7 @@ def profile(fn: Callable[[], Any], dev: Device, rows: int) -> Dict[str, Any]:
     launches = 0
     if dev.cuda:
         for e in events:  # kernels only (CPU-side ops carry the device time of their kernels too)
-            if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA or getattr(e, "is_user_annotation", False):
                 continue
             self_us = getattr(e, "self_device_time_total", None)
             if self_us is None:
@@ -512,6 +512,12 @@ def summary(results: Dict[str, Any], env: Dict[str, Any]) -> str:
                 lines.append(f"profile {what}: device {p['device_ms_total']:.1f} ms in {p['kernel_launches']} "
                              f"kernels; by family (ms): {fam}")
         lines.append("")
+    legend = {}
+    for rec in results["workloads"].values():
+        for cname, res in rec.get("times", {}).items():
+            legend.setdefault(cname, res.get("what", ""))
+    if legend:
+        lines += ["contenders:"] + [f"  {k:34s} {v}" for k, v in legend.items()] + [""]
     for name, rec in results["workloads"].items():
         for what, p in rec.get("profiles", {}).items():
             if "table" in p:
