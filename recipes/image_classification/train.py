@@ -84,6 +84,8 @@ class Config:
     milestones: Optional[Tuple[int, ...]] = _opt(None, "epochs at which lr is multiplied by --gamma (default: the preset's scaled to --epochs, else 50%% and 75%% of --epochs; none given: constant lr)", type=int, nargs="*")
     gamma: float = _opt(0.1, "lr factor at each milestone", type=float)
     update_each: int = _opt(1, "AdaHessian: Hessian estimate every K steps (lazy Hessian)", type=int)
+    warmup_steps: int = _opt(0, "linear lr warm-up over the first N steps (lazy Hessian updates are unstable "
+                                "without it early in training, when the curvature changes fastest)", type=int)
     amp: str = _opt("none", "none | bf16 (autocast)", type=str, choices=("none", "bf16"))
     seed: int = _opt(0, "seed of the model initialization, the data order and the Hessian probes", type=int)
     # run
@@ -254,6 +256,10 @@ def train_epoch(cfg, model, opt, loader, criterion, autocast, monitor, counters,
     closure_driven = isinstance(opt, hessopt.AdaHessian)
     bar = _progress(loader, cfg.progress and dist.main, f"epoch {epoch + 1}/{cfg.epochs}")
     for x, y in bar:
+        if counters["step"] < cfg.warmup_steps:
+            warm = (counters["step"] + 1) / cfg.warmup_steps * lr_factor(cfg)(epoch)
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * warm
         if closure_driven:
             # AdaHessian runs the closure with a graph-building backward only on Hessian steps
             # (opt.needs_hessian), so lazy updates (--update-each K) skip the double backward.
@@ -292,7 +298,7 @@ def train_epoch(cfg, model, opt, loader, criterion, autocast, monitor, counters,
             monitor.step(counters["step"], epoch=epoch + 1)
             curvature_time += time.perf_counter() - start
         if hasattr(bar, "set_postfix") and counters["step"] % 10 == 0:
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
     totals = _all_reduce([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)], dist)
     return float(totals[0] / totals[2]), float(totals[1] / totals[2]), curvature_time
 
