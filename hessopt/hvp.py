@@ -17,7 +17,7 @@ aten::_scaled_dot_product_flash_attention..._backward is not implemented".
 :func:`second_order_safe` fixes that without changes to user code: inside it, scaled-dot-product
 attention keeps its fused forward kernel, and only a backward that builds a graph (the
 ``create_graph=True`` one) recomputes attention with PyTorch's composite "math" formulation, whose
-derivative is twice differentiable.
+derivative is twice differentiable (:mod:`hessopt._attention`).
 
 The same block also routes the layers whose double backward PyTorch computes slowly to fast paths
 that give exactly PyTorch's derivatives (float64 tests against the plain path in
@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from . import _batchnorm, _conv, _relu
+from . import _attention, _batchnorm, _conv, _relu
 
 __all__ = ["hvp", "hvp_from_grads", "second_order_safe", "gradients_with_graph", "as_param_list"]
 
@@ -248,79 +248,6 @@ def _hvp_forward_over_reverse(
 
 
 # --------------------------------------------------------------------------------------------------
-# Twice-differentiable scaled-dot-product attention
-# --------------------------------------------------------------------------------------------------
-
-_ORIGINAL_SDPA = torch._C._nn.scaled_dot_product_attention
-_MATH_SDPA = torch.ops.aten._scaled_dot_product_attention_math
-
-
-def _math_sdpa(query, key, value, attn_mask, dropout_p, **options) -> torch.Tensor:
-    """PyTorch's composite attention, called directly (twice differentiable).
-
-    ``F.scaled_dot_product_attention`` turns a boolean mask (True = attend) into an additive one
-    before it dispatches; the aten math kernel called directly would *add* the booleans as 0/1, so
-    the conversion is done here.
-    """
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        additive = torch.zeros(attn_mask.shape, dtype=query.dtype, device=attn_mask.device)
-        attn_mask = additive.masked_fill_(attn_mask.logical_not(), float("-inf"))
-    return _MATH_SDPA(query, key, value, attn_mask, dropout_p, **options)[0]
-
-
-class _FusedForwardMathBackwardSDPA(torch.autograd.Function):
-    """SDPA whose forward is PyTorch's fused kernel and whose graph-building backward is composite.
-
-    A first-order backward (``create_graph=False``) recomputes the fused forward and uses the fused
-    backward. A backward with ``create_graph=True`` recomputes attention with the composite math
-    formulation from the *saved, graph-carrying* inputs and differentiates it with
-    ``create_graph=True``, so the returned gradients can be differentiated again (HVPs).
-    """
-
-    @staticmethod
-    def forward(ctx, query, key, value, attn_mask, is_causal, scale, enable_gqa):  # type: ignore[override]
-        ctx.options = dict(is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-        ctx.save_for_backward(query, key, value, attn_mask)
-        with torch._C.DisableTorchFunction():
-            return _ORIGINAL_SDPA(query, key, value, attn_mask, 0.0, **ctx.options)
-
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        query, key, value, attn_mask = ctx.saved_tensors
-        inputs = (query, key, value, attn_mask)
-        wanted = [t is not None and ctx.needs_input_grad[i] for i, t in enumerate(inputs)]
-        create_graph = torch.is_grad_enabled()
-        with torch.enable_grad(), torch._C.DisableTorchFunction():
-            if create_graph:
-                # The saved tensors still carry their history: the math recomputation hangs off the
-                # user's graph, and its gradient is a differentiable function of the parameters.
-                diff_inputs = [t for t, w in zip(inputs, wanted) if w]
-                out = _math_sdpa(query, key, value, attn_mask, 0.0, **ctx.options)
-            else:
-                leaves = [t.detach().requires_grad_(w) if t is not None else None for t, w in zip(inputs, wanted)]
-                diff_inputs = [t for t, w in zip(leaves, wanted) if w]
-                out = _ORIGINAL_SDPA(*leaves, 0.0, **ctx.options)
-            grads = iter(torch.autograd.grad(out, diff_inputs, grad_out, create_graph=create_graph))
-        return tuple(next(grads) if w else None for w in wanted) + (None, None, None)
-
-
-def _sdpa_twice_differentiable(
-    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
-):
-    """Drop-in for ``F.scaled_dot_product_attention`` used inside :func:`second_order_safe`."""
-    tensors = [t for t in (query, key, value, attn_mask) if isinstance(t, torch.Tensor)]
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        with torch._C.DisableTorchFunction():
-            return _ORIGINAL_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
-    if dropout_p > 0.0:
-        # A dropout mask cannot be reproduced by a recomputation, so with dropout the whole
-        # attention runs in the composite formulation, which is twice differentiable as is.
-        with torch._C.DisableTorchFunction():
-            return _math_sdpa(query, key, value, attn_mask, dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-    return _FusedForwardMathBackwardSDPA.apply(query, key, value, attn_mask, is_causal, scale, enable_gqa)
-
-
-# --------------------------------------------------------------------------------------------------
 # Interception of the functions with a twice-differentiable (or faster twice-differentiable) variant
 # --------------------------------------------------------------------------------------------------
 
@@ -365,7 +292,7 @@ def _routed(path: str, fast: Callable, original: Callable) -> Callable:
 
 # func -> (fast-path name or None for always, replacement): what the TorchFunctionMode routes
 _ROUTES = {
-    _ORIGINAL_SDPA: (None, _sdpa_twice_differentiable),
+    _attention.ORIGINAL_SDPA: (None, _attention.sdpa_twice_differentiable),
     _batchnorm.ORIGINAL_F_BATCH_NORM: ("batchnorm", _batchnorm.batch_norm),
     _batchnorm.ORIGINAL_TORCH_BATCH_NORM: ("batchnorm", _batchnorm.torch_batch_norm),
     _relu.ORIGINALS["F.relu"]: ("relu", _relu.relu),
@@ -379,7 +306,7 @@ _ROUTES.update({original: ("conv", _conv.conv(n)) for n, original in _conv.ORIGI
 # module attributes of torch.nn.functional replaced inside the block (looked up at call time by
 # nn.BatchNorm*, nn.Conv*d, nn.ReLU, nn.MultiheadAttention and most libraries)
 _F_PATCHES = {
-    "scaled_dot_product_attention": (_ORIGINAL_SDPA, _sdpa_twice_differentiable),
+    "scaled_dot_product_attention": (_attention.ORIGINAL_SDPA, _attention.sdpa_twice_differentiable),
     "batch_norm": (_batchnorm.ORIGINAL_F_BATCH_NORM,
                    _routed("batchnorm", _batchnorm.batch_norm, _batchnorm.ORIGINAL_F_BATCH_NORM)),
     "relu": (_relu.ORIGINALS["F.relu"], _routed("relu", _relu.relu, _relu.ORIGINALS["F.relu"])),

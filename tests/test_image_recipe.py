@@ -168,3 +168,18 @@ def test_the_command_line_end_to_end(tmp_path):
     assert _load(out / "checkpoint.pt")["epoch"] == 3
     pytest.importorskip("matplotlib")
     assert (out / "training.png").exists() and (out / "curvature.png").exists()
+
+
+def test_warmup_steps_ramp_the_learning_rate_linearly(tmp_path, monkeypatch):
+    """--warmup-steps N: step s (0-based) runs at lr * (s + 1) / N, then the schedule's lr."""
+    seen = []
+    original = hessopt.AdaHessian.step
+
+    def recording_step(self, closure=None):
+        seen.append(self.param_groups[0]["lr"])
+        return original(self, closure)
+
+    monkeypatch.setattr(hessopt.AdaHessian, "step", recording_step)
+    train.main(_cfg(tmp_path, opt="adahessian", lr=0.2, warmup_steps=4, epochs=2, max_steps_per_epoch=3,
+                    milestones=()))
+    assert seen == pytest.approx([0.05, 0.1, 0.15, 0.2, 0.2, 0.2])
