@@ -204,7 +204,8 @@ def diagnostics_section(records: List[Dict[str, Any]]) -> List[str]:
             continue
         secs = "–" if r.get("seconds") is None else f"{r['seconds']:.2f} ({r['hvp_seconds']:.2f})"
         if m.startswith(("lanczos_", "power_")):
-            label = f"{m.split('_')[0]} top-{r.get('k')} (tol {r.get('tol'):g})"
+            variant = m.rsplit("_top", 1)[0].replace("lanczos_nocheck", "lanczos, check_multiplicity=False,")
+            label = f"{variant} top-{r.get('k')} (tol {r.get('tol'):g})"
             result = _eig_result(r)
         elif "_trace_" in m:
             label = f"{'Hutch++' if m.startswith('hutchpp') else 'Hutchinson'} trace, budget {r.get('budget')}"

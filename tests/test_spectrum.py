@@ -242,3 +242,16 @@ def test_bad_spectrum_input(call, error, message):
         warnings.simplefilter("error")  # validation happens before any work (no convergence warning)
         with pytest.raises(error, match=message):
             call(A)
+
+
+def test_check_multiplicity_off_stops_at_first_convergence_with_fewer_matvecs():
+    """Separated spectrum: same eigenvalues either way, fewer matvecs without the check chain;
+    a repeated eigenvalue: without the check only one copy is found (the documented trade-off)."""
+    A = _with_spectrum(torch.cat([torch.tensor([10.0, 7.0, 5.0], dtype=DT), _bulk(97, -1, 1)]), seed=1)
+    on = hessopt.top_eigenvalues(A, k=3, tol=1e-8, generator=0)
+    off = hessopt.top_eigenvalues(A, k=3, tol=1e-8, generator=0, check_multiplicity=False)
+    torch.testing.assert_close(off.eigenvalues, on.eigenvalues, rtol=1e-8, atol=0)
+    assert off.converged and off.num_matvecs < on.num_matvecs
+    D = torch.diag(torch.tensor([5.0, 5, 5, 2, 1, 0.5, 0.2, 0.1], dtype=DT))
+    single = hessopt.top_eigenvalues(D, k=2, tol=1e-10, generator=0, check_multiplicity=False)
+    assert float(single.eigenvalues[0]) == pytest.approx(5.0) and float(single.eigenvalues[1]) < 5.0 - 1e-6

@@ -78,6 +78,7 @@ def top_eigenvalues(
     max_matvecs: Optional[int] = None,
     generator: GeneratorLike = None,
     progress: bool = False,
+    check_multiplicity: bool = True,
 ) -> EigenResult:
     """The ``k`` extreme eigenpairs of a symmetric operator.
 
@@ -95,6 +96,11 @@ def top_eigenvalues(
             runs out first, ``converged`` is False and a warning is issued.
         generator: generator, seed or ``None`` for the random start vector(s).
         progress: show a progress bar.
+        check_multiplicity: Lanczos only: after convergence, run a check chain that finds further
+            copies of repeated eigenvalues (about 1.5x the matvecs on a separated spectrum; see
+            :func:`_lanczos_eigs`). ``False`` stops at the first convergence: one copy of a
+            multiple eigenvalue, fewer matvecs (fine for the well-separated top eigenvalues of a
+            network Hessian, e.g. when tracking them during training).
 
     Returns:
         :class:`hessopt.EigenResult`: ``eigenvalues`` (float64, ordered by ``which``: descending
@@ -119,7 +125,7 @@ def top_eigenvalues(
         budget = min(n, max(100, 20 * k)) if max_matvecs is None else max_matvecs
         if budget < k:
             raise ValueError(f"max_matvecs={budget} is too small: Lanczos needs at least k={k} matvecs")
-        result = _lanczos_eigs(op, k, which, tol, budget, generator, progress)
+        result = _lanczos_eigs(op, k, which, tol, budget, generator, progress, check_multiplicity)
     elif method == "power":
         budget = 200 * k if max_matvecs is None else max_matvecs
         result = _power_eigs(op, k, which, tol, budget, generator, progress)
@@ -170,7 +176,7 @@ def _below(value: float, radius: float, worst: float, worst_bound: float, which:
     return abs(value) + radius < abs(worst) - worst_bound
 
 
-def _lanczos_eigs(op, k, which, tol, budget, generator, progress) -> EigenResult:
+def _lanczos_eigs(op, k, which, tol, budget, generator, progress, check_multiplicity=True) -> EigenResult:
     """Lanczos, then a check for eigenvalues a single Krylov chain cannot see.
 
     One chain contains, of each eigenspace, only the direction of its start vector's component, so
@@ -201,6 +207,8 @@ def _lanczos_eigs(op, k, which, tol, budget, generator, progress) -> EigenResult
             scale = float(theta.abs().max())
             if not _converged(theta[chosen], bounds, tol, scale) or it.size >= it.max_steps:
                 continue
+            if not check_multiplicity:
+                break
             worst, worst_bound = float(theta[chosen[-1]]), float(bounds[-1])
             if not checking:
                 min_check = max(3, math.ceil(it.size / 2))
