@@ -41,6 +41,7 @@ __all__ = [
     "Hutchinson",
     "GradientCurvature",
     "SecondOrderGraphError",
+    # monitor
     "CurvatureMonitor",
     # results
     "EigenResult",

@@ -18,12 +18,6 @@ def _load(name):
     return module
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_pyhessian_bn_residual_smoke(tmp_path):

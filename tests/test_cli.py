@@ -34,13 +34,6 @@ def _train_digits_checkpoint(out: Path) -> Path:
     return out / "checkpoint.pt"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny convolutions: one thread is as fast, and far faster when the 2 cores are shared
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -62,14 +62,6 @@ def _launch(out: Path, timeout: float = 240.0):
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The oracles are tiny: with several threads on a loaded 2-core machine, OpenMP's spinning
-    threads make them up to 60x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,6 @@ import torch
 import hessopt
 
 DT = torch.float64
-pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny QR/matmul calls: see conftest
 
 
 def _gen(seed=0):

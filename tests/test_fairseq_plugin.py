@@ -27,14 +27,6 @@ from hessopt.integrations.fairseq.optimizer import (  # noqa: E402
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one intra-op thread is fastest, and on a shared 2-core machine OpenMP's spinning
-    # threads make a step up to 100x slower under load
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 FAIRSEQ_DEFAULTS = dict(

@@ -39,14 +39,6 @@ DUMMY_MT = ["--task", "dummy_mt", "--dict-size", "100", "--src-len", "8", "--tgt
             "--dataset-size", "64", "--batch-size", "8"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one intra-op thread is fastest, and on a shared 2-core machine OpenMP's spinning
-    # threads make a step up to 100x slower under load
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

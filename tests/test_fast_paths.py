@@ -23,7 +23,6 @@ from hessopt.hvp import fast_paths
 from hessopt.operators import flatten
 
 DT = torch.float64
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed):

@@ -20,7 +20,6 @@ import hessopt
 from hessopt.operators import flatten
 
 DT = torch.float64
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models, many small kernels: see conftest
 FLASH_ERROR = "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"
 
 

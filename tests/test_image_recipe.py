@@ -17,13 +17,6 @@ SCRIPT = ROOT / "recipes" / "image_classification" / "train.py"
 pytest.importorskip("sklearn")  # the digits data set
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and avoids thread oversubscription on busy machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _load_recipe():

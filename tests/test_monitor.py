@@ -12,13 +12,6 @@ import hessopt
 from hessopt.monitor import CurvatureMonitor, plot_run, read_jsonl
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and avoids thread oversubscription on busy machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tiny_problem():

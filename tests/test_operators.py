@@ -15,7 +15,6 @@ import hessopt
 from hessopt.operators import flatten, unflatten
 
 DT = torch.float64
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models, many small kernels: see conftest
 
 
 def _randn(*shape, seed=0):

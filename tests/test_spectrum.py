@@ -14,7 +14,6 @@ import hessopt
 DT = torch.float64
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # thousands of small eigh calls: see conftest
 
 
 def _gen(seed=0):

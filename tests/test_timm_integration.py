@@ -11,13 +11,6 @@ import hessopt  # noqa: E402
 from hessopt.integrations import timm as integration  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and avoids thread oversubscription on busy machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_factory_returns_hessopt_adahessian_and_trains_a_timm_resnet18():

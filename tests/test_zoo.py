@@ -19,13 +19,6 @@ from hessopt.zoo.models import CifarResNet, _ZeroPadShortcut
 PIL = pytest.importorskip("PIL.Image")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and avoids thread oversubscription on busy machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 # --------------------------------------------------------------------------------------------------
 # models
