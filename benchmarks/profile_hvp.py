@@ -53,7 +53,6 @@ if _ROOT not in sys.path:  # run as a script: make `hessopt` and `benchmarks` im
     sys.path.insert(0, _ROOT)
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import hessopt  # noqa: E402
 from hessopt.hvp import fast_paths  # noqa: E402

@@ -76,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "../shared/data/cifar10-jpeg.tar.xz")
     g.add_argument("--checkpoint", default=None,
                    help="state dict of the trained ResNet20: loaded if it exists, else written after training")
+    g.add_argument("--reference-only", action="store_true",
+                   help="compute only the float64 reference for the records already in OUT/diagnostics.json (a run "
+                        "stopped before its reference finished) and score them; needs --checkpoint")
     g.add_argument("--no-save-checkpoint", dest="save_checkpoint", action="store_false",
                    help="do not write OUT/diagnostics_model.pt after training")
     g.add_argument("--diag-epochs", type=int, default=None, help="training epochs (default 10; quick 30)")
@@ -130,6 +133,20 @@ def write_report(out: str) -> list:
     return all_records
 
 
+def _reference_only(args, env) -> int:
+    from benchmarks.suite_diagnostics import fill_reference
+
+    path = os.path.join(args.out, "diagnostics.json")
+    if not os.path.exists(path):
+        log(f"--reference-only: {path} does not exist; run the diagnostics suite into {args.out} first")
+        return 2
+    with open(path) as f:
+        records = json.load(f)
+    fill_reference(args, env, records, flush=lambda: (_write_json(path, records), write_report(args.out)))
+    log(f"reference added to {path}; report rewritten")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -142,6 +159,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     env = environment(device)
+    if args.reference_only:
+        return _reference_only(args, env)
     log(f"hessopt benchmarks: suites={','.join(args.suite)} device={env['device']} torch={env['torch']} "
         f"quick={args.quick} repeats={args.repeats} warmup={args.warmup} out={args.out}")
     status = 0

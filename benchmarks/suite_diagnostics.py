@@ -38,7 +38,7 @@ import os
 import statistics
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -369,6 +369,48 @@ def run_suite(args, env: Dict[str, Any], records: List[Dict[str, Any]], flush=la
     flush()
     del model, x, y
     free_memory(device)
+    return records
+
+
+def fill_reference(args, env: Dict[str, Any], records: List[Dict[str, Any]], flush=lambda: None) -> List[Dict[str, Any]]:
+    """Compute only the float64 reference for an earlier run's records and score them (in place).
+
+    For a run stopped (time limit, lost machine) after its float32 measurements but before the
+    reference finished: ``records`` are that run's, the model comes from ``--checkpoint`` (the run
+    wrote it to ``OUT/diagnostics_model.pt``), and the fixed batch is rebuilt from the same seed and
+    size the run recorded, so the reference is of the very Hessian that was measured.
+    """
+    model_recs = [r for r in records if r.get("method") == "model" and r.get("suite") == SUITE]
+    if not model_recs:
+        raise ValueError("--reference-only: OUT/diagnostics.json has no 'model' record; run the suite first")
+    ckpt = args.checkpoint
+    if not ckpt or not os.path.exists(ckpt):
+        raise ValueError(f"--reference-only needs --checkpoint pointing at the run's model (got {ckpt!r})")
+    m = model_recs[0]
+    args.diag_batch = m["batch"]
+    setting = _setting(args)
+    if setting["model"] != m["model"]:
+        raise ValueError(f"--reference-only: the run measured {m['model']}, these arguments build {setting['model']} "
+                         "(pass the same --quick setting as the run)")
+    from hessopt.zoo import load_dataset
+
+    device = torch.device(args.device)
+    data = load_dataset(setting["dataset"], data_dir=args.data_dir) if setting["dataset"] == "cifar10" \
+        else load_dataset("digits")
+    torch.manual_seed(args.seed)
+    model = _build(setting, data).to(device)
+    state = torch.load(ckpt, map_location=device)
+    model.load_state_dict(state["model"] if "model" in state else state)
+    model.eval()
+    x, y, _ = _fixed_batch(data, setting["batch"], device, m.get("batch_indices_seed", args.seed))
+    ref = _reference(model, x, y, args, setting, Clock(device))
+    records[:] = [r for r in records if r.get("method") != "reference"]
+    common = {k: m[k] for k in ("model", "dataset", "batch", "bn_mode", "dtype", "num_params") if k in m}
+    rec = base_record(env, SUITE, setting["workload"], "method", "reference")
+    rec.update(step_ms=None, note="computed afterwards by --reference-only from the run's checkpoint", **ref, **common)
+    records.append(rec)
+    _score(records, ref)
+    flush()
     return records
 
 

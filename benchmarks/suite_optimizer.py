@@ -10,13 +10,12 @@ and reported per step. ``ratio_to_adamw`` divides by AdamW's median from the sam
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from typing import Any, Dict, List
 
 import torch
 
-from .harness import Clock, Contender, GIB, base_record, free_memory, interleaved, log, ratio
+from .harness import Clock, Contender, base_record, free_memory, interleaved, log, ratio
 from .optimizers import get_optimizers, make_driver, missing_package
 from .workloads import get_workloads
 

@@ -5,6 +5,7 @@ The public API is flat; names are grouped below as in DESIGN.md.
 from .hvp import hvp, hvp_from_grads, second_order_safe
 from .operators import (
     CurvatureOperator,
+    DistributedOperatorError,
     HessianOperator,
     LambdaOperator,
     MatrixOperator,
@@ -29,6 +30,7 @@ __all__ = [
     "MatrixOperator",
     "LambdaOperator",
     "NonFiniteCurvatureError",
+    "DistributedOperatorError",
     # estimators
     "trace",
     "diagonal",

@@ -41,6 +41,28 @@ class NonFiniteCurvatureError(ValueError, FloatingPointError):
     """An operator produced NaN or Inf (a ``ValueError`` and a ``FloatingPointError``)."""
 
 
+class DistributedOperatorError(RuntimeError):
+    """Another rank failed while computing its share of a distributed operator's product."""
+
+
+def _raise_rank_failures(failure: Optional[BaseException]) -> None:
+    """Every rank raises after a failure anywhere: the failing ranks their own error, the others a
+    :class:`DistributedOperatorError` quoting them (gathered once, on this rare path only)."""
+    import torch.distributed as dist
+
+    mine = None if failure is None else f"{type(failure).__name__}: {failure}"
+    reports: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, mine)
+    if failure is not None:
+        raise failure
+    failed = {rank: text for rank, text in enumerate(reports) if text is not None}
+    raise DistributedOperatorError(
+        f"rank(s) {sorted(failed)} failed while computing their share of this distributed "
+        "HessianOperator's product, so this rank stops too (no rank is left waiting): "
+        + "; ".join(f"rank {r}: {text}" for r, text in failed.items())
+    )
+
+
 def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Concatenate tensors into one flat vector (the inverse of :func:`unflatten`)."""
     return torch.cat([t.reshape(-1) for t in tensors])
@@ -431,7 +453,10 @@ class HessianOperator(CurvatureOperator):
             self._data = list(data)  # a one-shot iterator must survive many products
         else:
             self._data = data
-        if hasattr(self._data, "__len__") and len(self._data) == 0:
+        self._distributed = distributed
+        # a rank's shard may be empty under torch.distributed (the other ranks' samples count);
+        # the check that some rank has data is then made together, in the first product
+        if hasattr(self._data, "__len__") and len(self._data) == 0 and not self.is_distributed:
             raise ValueError("data is empty: pass at least one (inputs, targets) batch")
         self.cache_graph = self._single if cache_graph is None else bool(cache_graph)
         if method not in HVP_METHODS:
@@ -440,7 +465,6 @@ class HessianOperator(CurvatureOperator):
             _check_forward_over_reverse(model, self.param_names, self.params)
             self.cache_graph = False  # there is no graph to keep
         self.method = method
-        self._distributed = distributed
         self._cache: Optional[List[Tuple[List[Optional[torch.Tensor]], float]]] = None
 
     @staticmethod
@@ -480,21 +504,43 @@ class HessianOperator(CurvatureOperator):
 
         return broadcast_object(seed, src=0)
 
-    def _reduce(
-        self, total: torch.Tensor, count: float, v: Optional[torch.Tensor] = None
+    def _local_then_reduce(
+        self, local: Callable[[], Tuple[torch.Tensor, float]], zeros: torch.Tensor, v: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, float]:
-        """Sum ``total`` and ``count`` over ranks (one collective per dtype); with ``v``, also check
-        that every rank multiplied the same vector: two float64 checksums of ``v`` and their squares
-        travel in the same float64 buffer as ``count``, so every rank sees the same spread across
-        ranks and all of them raise together (no rank is left waiting in a collective). Vectors
-        that differ by less than about 1e-6 of a checksum pass (rounding across unlike machines)."""
+        """``local()`` (this rank's weighted sum and sample count), then :meth:`_reduce`.
+
+        Distributed, an error in this rank's share is not raised at once: the other ranks would
+        wait forever in the collective. The rank joins the reduction with a failure flag instead,
+        and then every rank raises: the failing ranks their own error, the others a
+        :class:`DistributedOperatorError` that names the failing ranks and quotes their errors."""
+        if not self.is_distributed:
+            return local()
+        try:
+            total, count = local()
+            failure: Optional[BaseException] = None
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the collective
+            total, count, failure = zeros, 0.0, err
+        return self._reduce(total, count, v, failure)
+
+    def _reduce(
+        self, total: torch.Tensor, count: float, v: Optional[torch.Tensor] = None,
+        failure: Optional[BaseException] = None,
+    ) -> Tuple[torch.Tensor, float]:
+        """Sum ``total`` and ``count`` over ranks (one collective per dtype).
+
+        The same float64 buffer as ``count`` carries a failure flag (see :meth:`_local_then_reduce`)
+        and, with ``v``, the check that every rank multiplied the same vector: two float64
+        checksums of ``v`` and their squares, so every rank sees the same spread across ranks and
+        all of them raise together (no rank is left waiting in a collective). Vectors that differ
+        by less than about 1e-6 of a checksum pass (rounding across unlike machines). A sample count
+        of zero over all ranks (every shard empty) raises on every rank."""
         if not self.is_distributed:
             return total, count
         import torch.distributed as dist
 
         from .distributed import all_reduce_sum
 
-        stats = [torch.tensor(float(count), dtype=torch.float64, device=total.device)]
+        stats = [torch.tensor([float(count), float(failure is not None)], dtype=torch.float64, device=total.device)]
         if v is not None:
             ramp = torch.linspace(1.0, 2.0, v.numel(), dtype=v.dtype, device=v.device)
             sums = torch.stack([v.sum(dtype=torch.float64), (v * ramp).sum(dtype=torch.float64)])
@@ -502,10 +548,16 @@ class HessianOperator(CurvatureOperator):
             stats += [sums, sums * sums, scale]
         total, reduced = all_reduce_sum([total, torch.cat([s.reshape(-1) for s in stats])])
         values = reduced.tolist()
+        if values[1] > 0:
+            _raise_rank_failures(failure)
+        if values[0] == 0:
+            raise ValueError(
+                "data is empty on every rank: pass at least one (inputs, targets) batch on some rank"
+            )
         if v is not None:
             world = dist.get_world_size()
-            scale = values[5] / world
-            for total_sum, total_sq in zip(values[1:3], values[3:5]):
+            scale = values[6] / world
+            for total_sum, total_sq in zip(values[2:4], values[4:6]):
                 mean = total_sum / world
                 spread = max(total_sq / world - mean * mean, 0.0) ** 0.5
                 # identical vectors leave a spread of rounding size, about 1e-8 |mean| (cancellation)
@@ -540,7 +592,7 @@ class HessianOperator(CurvatureOperator):
                     f"{type(batch).__name__}{'' if not hasattr(batch, '__len__') else ' of length ' + str(len(batch))}"
                 )
             yield batch
-        if empty:
+        if empty and not self.is_distributed:
             raise ValueError("data is empty: pass at least one (inputs, targets) batch")
 
     def _forward_loss(self, batch: Batch) -> Tuple[torch.Tensor, int]:
@@ -554,7 +606,7 @@ class HessianOperator(CurvatureOperator):
                 f"loss_fn must return a scalar mean loss, got {shape}; use reduction='mean'"
             )
         if not bool(torch.isfinite(loss.detach())):
-            raise NonFiniteCurvatureError(f"the loss is {float(loss)}: the Hessian is undefined here")
+            raise NonFiniteCurvatureError(f"the loss is {float(loss.detach())}: the Hessian is undefined here")
         return loss, n
 
     def _rng_guard(self):
@@ -604,35 +656,46 @@ class HessianOperator(CurvatureOperator):
             return _hvp_forward_over_reverse(loss_of, self.params, vectors), float(n)
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
-        vectors = unflatten(v, self.shapes)
-        total, count = torch.zeros_like(v), 0.0
-        with self._rng_guard():
-            for hv, n in self._products(vectors):
-                total.add_(flatten(hv), alpha=n)
-                count += n
-        total, count = self._reduce(total, count, v)
+        def local() -> Tuple[torch.Tensor, float]:
+            vectors = unflatten(v, self.shapes)
+            total, count = torch.zeros_like(v), 0.0
+            with self._rng_guard():
+                for hv, n in self._products(vectors):
+                    total.add_(flatten(hv), alpha=n)
+                    count += n
+            return total, count
+
+        total, count = self._local_then_reduce(local, torch.zeros_like(v), v)
         return total / count
 
     def gradient(self) -> torch.Tensor:
         """The flat gradient of the (data-set) mean loss at the current parameters."""
-        with self._rng_guard():
+        def local() -> Tuple[torch.Tensor, float]:
             total = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
             count = 0.0
-            for batch in self._batches():
-                loss, n = self._forward_loss(batch)
-                grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-                total.add_(flatten([torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]), alpha=n)
-                count += n
-        total, count = self._reduce(total, count)
+            with self._rng_guard():
+                for batch in self._batches():
+                    loss, n = self._forward_loss(batch)
+                    grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+                    total.add_(flatten([torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]),
+                               alpha=n)
+                    count += n
+            return total, count
+
+        total, count = self._local_then_reduce(
+            local, torch.zeros(self.num_params, dtype=self.dtype, device=self.device))
         return total / count
 
     def loss(self) -> float:
         """The (data-set) mean loss at the current parameters, in the operator's mode."""
-        total, count = torch.zeros(1, dtype=torch.float64, device=self.device), 0.0
-        with torch.no_grad(), self._rng_guard():
-            for batch in self._batches():
-                loss, n = self._forward_loss(batch)
-                total += loss.double() * n
-                count += n
-        total, count = self._reduce(total, count)
+        def local() -> Tuple[torch.Tensor, float]:
+            total, count = torch.zeros(1, dtype=torch.float64, device=self.device), 0.0
+            with torch.no_grad(), self._rng_guard():
+                for batch in self._batches():
+                    loss, n = self._forward_loss(batch)
+                    total += loss.double() * n
+                    count += n
+            return total, count
+
+        total, count = self._local_then_reduce(local, torch.zeros(1, dtype=torch.float64, device=self.device))
         return float(total.item()) / count

@@ -184,6 +184,54 @@ def test_hessian_step_without_graph_raises_and_changes_nothing():
     assert opt.state[model[0].weight]["hessian_step"] == 2
 
 
+def test_parameter_that_stops_receiving_gradients_costs_at_most_one_extra_hessian_step():
+    """`late` appears on a lazy step and is never used again: one off-schedule Hessian step (its
+    gradient is gone by then), then the schedule holds instead of a Hessian on every step."""
+    x, y = _data()
+    model = _mlp()
+    late = nn.Linear(4, 1).double()
+    opt = hessopt.AdaHessian(list(model.parameters()) + list(late.parameters()), update_each=4)
+    opt.step(_closure(opt, model, x, y))  # step 1: Hessian
+
+    def both():
+        opt.zero_grad()
+        loss = F.mse_loss(model(x) + late(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(both)  # step 2: lazy; `late` gets state but no estimate
+    assert opt.needs_hessian
+    opt.step(_closure(opt, model, x, y))  # step 3: the extra Hessian step; `late` unused (no gradient)
+    assert opt.state[late.weight]["hessian_step"] == 0
+    schedule = []
+    for _ in range(6):  # steps 4..9: Hessian only on the schedule (step 5 and 9), not every step
+        schedule.append(opt.needs_hessian)
+        opt.step(_closure(opt, model, x, y))
+    assert schedule == [False, True, False, False, False, True]
+
+
+def test_closure_whose_loss_is_linear_in_every_parameter_gets_its_own_message():
+    """The closure's backward built the graph, so "call create_graph=True" would be wrong advice."""
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 1).double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    opt = hessopt.AdaHessian(lin.parameters())
+    before = [p.detach().clone() for p in lin.parameters()]
+
+    def closure():
+        opt.zero_grad()
+        loss = lin(x).mean()  # linear in weight and bias: the gradient does not depend on them
+        loss.backward()
+        return loss
+
+    with pytest.raises(SecondOrderGraphError, match=r"create_graph=True, yet no gradient carries a graph.*"
+                                                    r"linear in every parameter.*first-order optimizer"):
+        opt.step(closure)
+    assert all(torch.equal(p, b) for p, b in zip(lin.parameters(), before))
+    assert not opt.state[lin.weight] and opt.state["adahessian"]["step"] == 0
+    assert all(p.grad is None or not p.grad.requires_grad for p in lin.parameters())
+
+
 # -- AMP --------------------------------------------------------------------------------------------
 # torch 2.14's torch.amp.GradScaler("cpu") works, so these tests use the real scaler (no emulation):
 # it hands AdaHessian (_step_supports_amp_scaling = True) grad_scale and found_inf, and AdaHessian

@@ -365,8 +365,20 @@ def test_nonfinite_first_estimate_holds_the_parameter_until_a_finite_one():
     assert torch.equal(params[0], before) and opt.state[params[0]]["step"] == 0
     assert not torch.equal(params[1], _model().state_dict()["0.bias"])  # the others moved
     assert opt._curvature_due()  # off schedule: params[0] still has no estimate
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)  # the pending flag survives a resume
+    fresh = hessopt.AdaHessian(params, curvature=curvature, update_each=5)
+    buf.seek(0)
+    fresh.load_state_dict(torch.load(buf))
+    assert fresh._curvature_due()
+    legacy = opt.state_dict()
+    del legacy["state"]["adahessian"]["curvature_pending"]  # a state dict saved before the flag existed
+    older = hessopt.AdaHessian(params, curvature=curvature, update_each=5)
+    older.load_state_dict(legacy)
+    assert older._curvature_due()
     _run(opt, model, 1)
     assert opt.state[params[0]]["hessian_step"] == 1 and not torch.equal(params[0], before)
+    assert not opt._curvature_due()  # every parameter has an estimate: back on schedule
 
 
 def test_param_groups_keep_their_own_hyperparameters():

@@ -184,6 +184,14 @@ def test_uneven_shards_are_weighted_by_sample_count(ranks, full_batch):
     assert ((h9 + h7) / 2 - full_batch["dense"]).abs().max() > 1e-3
 
 
+def test_an_empty_shard_counts_for_nothing(ranks, full_batch):
+    """Rank 0 holds all 16 samples, rank 1 an empty list: both get the Hessian of the 16."""
+    exact = torch.linalg.eigvalsh(full_batch["dense"])[-1]
+    for result in ranks:
+        torch.testing.assert_close(result["op/empty_shard/dense"], full_batch["dense"], rtol=0, atol=1e-12)
+        torch.testing.assert_close(result["op/empty_shard/top"][0], exact, rtol=1e-8, atol=0)
+
+
 def test_default_generator_gives_the_same_probes_on_every_rank(ranks, full_batch):
     """generator=None: each rank draws a seed, rank 0's is broadcast, so all ranks agree."""
     _same_on_all_ranks(ranks, "op/none/top")
@@ -212,10 +220,18 @@ def test_operator_on_a_ddp_model_unwraps_it_and_training_goes_on(ranks, full_bat
 @pytest.mark.parametrize("name", sorted(common.BAD_INPUT))
 def test_bad_input_is_a_clear_error_on_every_rank(ranks, name):
     """Different seeds, update_each, optimizer state, parameter lists or values (AdaHessian,
-    checked at the first step), different probe vectors (HessianOperator, every product), and
-    FSDP2's sharded DTensor parameters (AdaHessian's constructor)."""
+    checked at the first step), different probe vectors (HessianOperator, every product), an
+    error in one rank's share of a product, every shard empty, and FSDP2's sharded DTensor
+    parameters (AdaHessian's constructor)."""
     for rank, result in enumerate(ranks):
         assert result[f"error/{name}"] == "ok", f"rank {rank}: {result[f'error/{name}']}"
+
+
+def test_an_operator_error_on_one_rank_is_raised_on_every_rank(ranks):
+    """Rank 1's loss is NaN: rank 1 raises its own error, rank 0 (which would otherwise wait in the
+    collective forever) a DistributedOperatorError that quotes it; then both go on (the job ends)."""
+    assert ranks[0]["error/operator_rank_failure/type"] == "DistributedOperatorError"
+    assert ranks[1]["error/operator_rank_failure/type"] == "NonFiniteCurvatureError"
 
 
 # -- one process, no process group ---------------------------------------------------------------------

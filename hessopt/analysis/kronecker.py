@@ -68,7 +68,6 @@ top-:math:`k` eigenpairs of the layer's weight Hessian (:class:`hessopt.HessianO
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch

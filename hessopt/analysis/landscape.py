@@ -23,7 +23,7 @@ statistics (``bn_mode="eval"``) or batch statistics without touching the running
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn

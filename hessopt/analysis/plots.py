@@ -7,7 +7,7 @@ leave pyplot's global state alone.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import torch
 

@@ -36,6 +36,14 @@ _MISSING_GRAPH = (
     "graph-building one."
 )
 
+_NO_GRAPH_AFTER_CLOSURE = (
+    "the closure's backward ran with create_graph=True, yet no gradient carries a graph, so there is "
+    "no curvature to estimate. Either the loss is linear in every parameter (its Hessian is zero and "
+    "AdaHessian would divide the step by eps alone: use a first-order optimizer such as "
+    "torch.optim.AdamW), or the closure computes gradients without loss.backward() (e.g. "
+    "torch.autograd.grad, or code that detaches .grad): call loss.backward() inside the closure."
+)
+
 _UNSCALED_AMP = (
     "GradScaler.unscale_(optimizer) was called before a Hessian step: the Hessian estimate goes "
     "through the scaled graph and AdaHessian unscales it together with the gradient, which needs "
@@ -304,7 +312,7 @@ class AdaHessian(torch.optim.Optimizer):
         self.curvature = make_curvature(curvature, n_samples, distribution)
         self._generators: Dict[torch.device, torch.Generator] = {}
         self._warned_nonfinite = False
-        self.state[_GLOBAL_KEY] = {"step": 0, "seed": seed, "generator_states": {}}
+        self.state[_GLOBAL_KEY] = {"step": 0, "seed": seed, "generator_states": {}, "curvature_pending": False}
         # Gradient hooks must be in place before the first backward, even if the process group is
         # initialized only after the optimizer is built; they are inert without one.
         self._distributed_mode = distributed
@@ -316,20 +324,25 @@ class AdaHessian(torch.optim.Optimizer):
     def needs_hessian(self) -> bool:
         """Whether the next :meth:`step` computes a Hessian estimate (so its backward needs ``create_graph=True``).
 
-        True on the first step, every ``update_each``-th step after it, and whenever a parameter
-        has received gradients but no (finite) Hessian estimate yet; always False for curvature
+        True on the first step, every ``update_each``-th step after it, and after a step in which
+        a parameter received a gradient but still has no (finite) Hessian estimate; always False for curvature
         sources that need no graph (``curvature="gradient"``). Explicit loops pass it on:
         ``loss.backward(create_graph=opt.needs_hessian)``.
         """
         return needs_graph(self.curvature) and self._curvature_due()
 
     def _curvature_due(self) -> bool:
-        """Whether the next step is a Hessian step (whatever the curvature source)."""
-        if self.state[_GLOBAL_KEY]["step"] % self.update_each == 0:
+        """Whether the next step is a Hessian step (whatever the curvature source).
+
+        Off schedule only while a parameter that had a gradient on the last step still has no
+        estimate (it first appeared on a lazy step, or its first estimate was not finite). Only the
+        last step's parameters count: one that stops receiving gradients costs at most one extra
+        Hessian step, not one on every step from then on.
+        """
+        glob = self.state[_GLOBAL_KEY]
+        if glob["step"] % self.update_each == 0:
             return True
-        return any(
-            isinstance(p, torch.Tensor) and s.get("hessian_step", 1) == 0 for p, s in self.state.items()
-        )
+        return bool(glob.get("curvature_pending", False))
 
     def _generator(self, device: torch.device) -> torch.Generator:
         """The probe generator for ``device``: seeded with ``seed``, or resumed from a loaded state."""
@@ -352,6 +365,7 @@ class AdaHessian(torch.optim.Optimizer):
         generator_states.update({str(d): g.get_state() for d, g in self._generators.items()})
         state_dict["state"][_GLOBAL_KEY] = {
             "step": glob["step"], "seed": self.seed, "generator_states": generator_states,
+            "curvature_pending": bool(glob.get("curvature_pending", False)),
         }
         return state_dict
 
@@ -371,11 +385,19 @@ class AdaHessian(torch.optim.Optimizer):
         self.state[_GLOBAL_KEY] = {
             "step": int(glob["step"]),
             "seed": self.seed,
+            "curvature_pending": self._loaded_pending(glob),
             "generator_states": {k: v.detach().cpu().clone() for k, v in glob["generator_states"].items()},
         }
         self._generators = {}  # rebuilt from the loaded states on first use
         if getattr(self, "_distributed", None) is not None:
             self._distributed.recheck()  # the loaded seed must agree across ranks too
+
+    def _loaded_pending(self, glob: Dict[str, Any]) -> bool:
+        """The saved ``curvature_pending`` flag; for older state dicts without it, any loaded
+        parameter still waiting for its first estimate."""
+        if "curvature_pending" in glob:
+            return bool(glob["curvature_pending"])
+        return any(isinstance(p, torch.Tensor) and s.get("hessian_step", 1) == 0 for p, s in self.state.items())
 
     def __getstate__(self) -> Dict[str, Any]:
         """For ``copy.deepcopy`` and pickling: torch's ``Optimizer.__getstate__`` keeps only
@@ -419,7 +441,7 @@ class AdaHessian(torch.optim.Optimizer):
         hessian_step = self._curvature_due()
         try:
             loss = self._run_closure(closure, hessian_step)
-            self._step(hessian_step)
+            self._step(hessian_step, graph_forced=closure is not None and needs_graph(self.curvature))
         except BaseException:
             # GradScaler deletes grad_scale/found_inf only after a successful step(); stale ones
             # would be multiplied into the next scaler.step's grad_scale.
@@ -455,7 +477,7 @@ class AdaHessian(torch.optim.Optimizer):
                 entries.append((group, p))
         return entries
 
-    def _step(self, hessian_step: bool) -> None:
+    def _step(self, hessian_step: bool, graph_forced: bool = False) -> None:
         entries = self._entries()
         found_inf = getattr(self, "found_inf", None)
         if not entries or (found_inf is not None and float(found_inf) > 0):
@@ -464,7 +486,7 @@ class AdaHessian(torch.optim.Optimizer):
         dist_ctx = self._distributed_context()
         graph_grads = dist_ctx.graph_grads(params) if dist_ctx else [p.grad for p in params]
         if hessian_step:
-            self._check_hessian_inputs(graph_grads)
+            self._check_hessian_inputs(graph_grads, graph_forced)
         grad_scale = getattr(self, "grad_scale", None)
         inv_scale = None if grad_scale is None else 1.0 / float(grad_scale)
         grads = [p.grad.detach() for p in params]
@@ -476,12 +498,17 @@ class AdaHessian(torch.optim.Optimizer):
         if hessian_step:
             curvature = self._estimate_curvature(params, graph_grads, inv_scale, dist_ctx)
         self._apply(entries, grads, curvature)
-        self.state[_GLOBAL_KEY]["step"] += 1
+        glob = self.state[_GLOBAL_KEY]
+        glob["step"] += 1
+        glob["curvature_pending"] = any(self.state[p]["hessian_step"] == 0 for p in params)
 
-    def _check_hessian_inputs(self, graph_grads) -> None:
-        """Raise before anything changes if this Hessian step cannot be computed correctly."""
+    def _check_hessian_inputs(self, graph_grads, graph_forced: bool = False) -> None:
+        """Raise before anything changes if this Hessian step cannot be computed correctly.
+
+        ``graph_forced``: the gradients came from a closure whose backward this optimizer made
+        graph-building, so a missing graph is not a forgotten ``create_graph=True``."""
         if needs_graph(self.curvature) and not any(g is not None and g.requires_grad for g in graph_grads):
-            raise SecondOrderGraphError(_MISSING_GRAPH)
+            raise SecondOrderGraphError(_NO_GRAPH_AFTER_CLOSURE if graph_forced else _MISSING_GRAPH)
         if getattr(self, "found_inf", None) is not None and getattr(self, "grad_scale", None) is None:
             # GradScaler sets found_inf but no grad_scale after unscale_(): the scale is lost for z*Hz
             raise ValueError(_UNSCALED_AMP)

@@ -14,7 +14,6 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-import hessopt
 from hessopt.zoo import DeviceLoader, load_dataset
 
 
@@ -123,3 +122,52 @@ def train(
 def save_json(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=1))
+
+
+# -- the shape every study script shares: CIFAR-style arguments, data, and the closing write-up ---
+
+
+def add_study_args(p, out: str, bn_mode: str) -> None:
+    """The arguments of the CIFAR studies (data, SGD schedule, Hessian batch, run control)."""
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate with BatchNorm")
+    p.add_argument("--lr-no-bn", type=float, default=0.05, help="peak SGD learning rate without BatchNorm")
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--hessian-samples", type=int, default=512, help="training images the Hessian is taken on")
+    p.add_argument("--hessian-batch", type=int, default=256)
+    p.add_argument("--bn-mode", choices=["eval", "train"], default=bn_mode)
+    p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cut epochs short (smoke tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=out)
+    p.add_argument("--no-plots", action="store_true")
+
+
+def load_study_data(args):
+    """``(device, out, data, hessian batches, test batches)`` for a CIFAR study's arguments."""
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir)
+    hess_data = eval_batches(data, "train", max(1, args.hessian_samples // args.hessian_batch),
+                             min(args.hessian_batch, args.hessian_samples), device)
+    test = eval_batches(data, "test", 8, 500, device)
+    return device, out, data, hess_data, test
+
+
+def finish(results: Dict[str, Any], out: Path, started: float, summarize, plot, no_plots: bool) -> Dict[str, Any]:
+    """Write results.json and summary.md, print the summary, draw the plots; returns ``results``."""
+    results["seconds"] = time.perf_counter() - started
+    save_json(results, out / "results.json")
+    summary = summarize(results)
+    (out / "summary.md").write_text(summary)
+    print(summary)
+    if not no_plots:
+        plot(results, out)
+    print(f"done in {results['seconds']:.0f} s; wrote {out}")
+    return results

@@ -28,13 +28,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-import hessopt  # noqa: E402
 from hessopt.analysis import eigenspace_overlap, kronecker_factors, low_rank_structure  # noqa: E402
 from hessopt.zoo import build_model, load_dataset  # noqa: E402
 
@@ -89,7 +87,6 @@ def analyze_model(model, batch, k, tol, seed):
         shape = tuple(layer.weight.shape)
         top = low_rank_structure(V[:, 0], shape)
         ranks = [low_rank_structure(V[:, i], shape).stable_rank for i in range(V.shape[1])]
-        kron_top = low_rank_structure(kf.eigenvectors[:, 0], shape)
         S_eigs = torch.linalg.eigvalsh(kf.output_factor).flip(0)
         A_eigs = torch.linalg.eigvalsh(kf.input_factor).flip(0)
         reduce = {}
@@ -188,15 +185,7 @@ def main(argv=None):
             for r in per_seed[seed]["layers"].values():
                 r.pop("_V")
         results["models"][key] = per_seed
-    results["seconds"] = time.perf_counter() - started
-    common.save_json(results, out / "results.json")
-    summary = summarize(results)
-    (out / "summary.md").write_text(summary)
-    print(summary)
-    if not args.no_plots:
-        plot(results, out)
-    print(f"done in {results['seconds']:.0f} s; wrote {out}")
-    return results
+    return common.finish(results, out, started, summarize, plot, args.no_plots)
 
 
 def _mean(xs):

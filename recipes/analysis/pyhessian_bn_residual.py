@@ -37,42 +37,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import hessopt  # noqa: E402
-from hessopt.zoo import build_model, load_dataset  # noqa: E402
+from hessopt.zoo import build_model  # noqa: E402
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="cifar10")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--cache-dir", default=None)
+    common.add_study_args(p, out="runs/pyhessian_bn_residual", bn_mode="eval")
     p.add_argument("--depths", nargs="+", type=int, default=[20, 32, 56])
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate with BatchNorm")
-    p.add_argument("--lr-no-bn", type=float, default=0.05, help="peak SGD learning rate without BatchNorm")
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
-    p.add_argument("--hessian-samples", type=int, default=512, help="training images the Hessian is taken on")
-    p.add_argument("--hessian-batch", type=int, default=256)
     p.add_argument("--trace-matvecs", type=int, default=30)
     p.add_argument("--density-steps", type=int, default=40)
-    p.add_argument("--bn-mode", choices=["eval", "train"], default="eval")
-    p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cut epochs short (smoke tests)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="runs/pyhessian_bn_residual")
-    p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
-    device = common.pick_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    data = load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir)
+    device, out, data, hess_data, test = common.load_study_data(args)
     augment = args.dataset == "cifar10"
-    hess_data = common.eval_batches(data, "train", max(1, args.hessian_samples // args.hessian_batch),
-                                    min(args.hessian_batch, args.hessian_samples), device)
-    test = common.eval_batches(data, "test", 8, 500, device)
     print(f"data {args.dataset}: {data.train_x.shape[0]} train images; Hessian on "
           f"{sum(len(y) for _, y in hess_data)} of them; device {device}", flush=True)
     results = {"config": vars(args), "device": str(device), "runs": []}
@@ -122,15 +100,7 @@ def main(argv=None):
             print(f"{name:24s} diverged", flush=True)
         results["runs"].append(row)
         common.save_json(results, out / "results.json")
-    results["seconds"] = time.perf_counter() - started
-    common.save_json(results, out / "results.json")
-    summary = summarize(results)
-    (out / "summary.md").write_text(summary)
-    print(summary)
-    if not args.no_plots:
-        plot(results, out)
-    print(f"done in {results['seconds']:.0f} s; wrote {out}")
-    return results
+    return common.finish(results, out, started, summarize, plot, args.no_plots)
 
 
 def summarize(results) -> str:

@@ -124,4 +124,8 @@ BAD_INPUT = {
     "param_values": (ValueError, r"parameters differ between rank 0 and rank 1 at the first step"),
     "operator_probes": (ValueError, r"multiplied this distributed HessianOperator by different vectors"),
     "fsdp2": (TypeError, r"sharded DTensor parameter \(FSDP2's fully_shard"),
+    # rank 1: its own NonFiniteCurvatureError; rank 0: a DistributedOperatorError quoting rank 1's
+    "operator_rank_failure": ((ValueError, RuntimeError), r"^(rank\(s\) \[1\] failed.*rank 1: NonFiniteCurvatureError: )?"
+                                                          r"the loss is nan"),
+    "all_shards_empty": (ValueError, r"data is empty on every rank"),
 }

@@ -88,6 +88,11 @@ def main(out: Path, rank: int, world: int) -> None:
     results["op/uneven"] = common.diagnostics(op_uneven)
     results["op/uneven/dense"] = op_uneven.to_dense()
     results["op/local/dense"] = hessopt.HessianOperator(model, common.loss_fn, equal, distributed=False).to_dense()
+    # an empty shard: rank 0 holds all 16 samples, rank 1 none (weight 0, not a hang or an error)
+    lopsided = [common.shard(probe_data, 0, 16)] if rank == 0 else []
+    op_lopsided = hessopt.HessianOperator(model, common.loss_fn, lopsided)
+    results["op/empty_shard/dense"] = op_lopsided.to_dense()
+    results["op/empty_shard/top"] = hessopt.top_eigenvalues(op_lopsided, k=1, tol=1e-10, generator=3).eigenvalues.clone()
     ddp_model = common.build_model()
     ddp = DDP(ddp_model)
     results["op/ddp/dense"] = hessopt.HessianOperator(ddp, common.loss_fn, equal).to_dense()
@@ -119,6 +124,16 @@ def main(out: Path, rank: int, world: int) -> None:
             resumed.load_state_dict(saved)
         common.train(ddp, resumed, local[1:2], "closure")
 
+    def operator_fails_on_one_rank():
+        # rank 1's loss is NaN: rank 1 raises its own error, rank 0 one that quotes it; nobody hangs
+        x, y = equal
+        bad = (x * float("nan"), y) if rank == 1 else (x, y)
+        op = hessopt.HessianOperator(common.build_model(), common.loss_fn, bad)
+        hessopt.top_eigenvalues(op, k=1, generator=0)
+
+    def every_shard_empty():
+        hessopt.HessianOperator(common.build_model(), common.loss_fn, []).loss()
+
     model = common.build_model()
     provoke = {
         "seeds": lambda: one_step(DDP(common.build_model()), seed=rank),
@@ -128,13 +143,16 @@ def main(out: Path, rank: int, world: int) -> None:
         "optimizer_state": optimizer_state_on_rank_0_only,
         "operator_probes": bad_operator_probes,
         "fsdp2": fsdp2_adahessian,
+        "operator_rank_failure": operator_fails_on_one_rank,
+        "all_shards_empty": every_shard_empty,
     }
     for name, fn in provoke.items():
         exc, pattern = common.BAD_INPUT[name]
         try:
-            with pytest.raises(exc, match=pattern):
+            with pytest.raises(exc, match=pattern) as info:
                 fn()
             results[f"error/{name}"] = "ok"
+            results[f"error/{name}/type"] = type(info.value).__name__
         except BaseException as err:  # pytest's Failed included: record, the test reports it
             results[f"error/{name}"] = f"{type(err).__name__}: {err}"
     dist.barrier()  # every rank got here: nothing is left waiting in a collective
