@@ -115,6 +115,41 @@ def test_closure_backward_builds_graph_only_on_hessian_steps():
     assert F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
 
 
+def test_closure_graph_building_stays_in_its_thread():
+    """While one thread's closure runs, another thread's plain backward stays a plain backward
+    (no graph, no memory kept), and the original torch.autograd.backward is back afterwards."""
+    import threading
+
+    x, y = _data()
+    model, other = _mlp(), _mlp()
+    opt = hessopt.AdaHessian(model.parameters())
+    inside, done = threading.Event(), threading.Event()
+    seen = {}
+
+    def elsewhere():
+        inside.wait(timeout=30)
+        F.mse_loss(other(x), y).backward()  # runs while the closure below is still open
+        seen["other"] = other[0].weight.grad.requires_grad
+        done.set()
+
+    def closure():
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        inside.set()
+        assert done.wait(timeout=30)
+        loss.backward()
+        seen["closure"] = model[0].weight.grad.requires_grad
+        return loss
+
+    backward = torch.autograd.backward
+    worker = threading.Thread(target=elsewhere)
+    worker.start()
+    opt.step(closure)
+    worker.join(timeout=30)
+    assert seen == {"other": False, "closure": True}
+    assert torch.autograd.backward is backward
+
+
 @pytest.mark.parametrize("call", [
     lambda loss, ps: loss.backward(retain_graph=True),
     lambda loss, ps: torch.autograd.backward([loss]),

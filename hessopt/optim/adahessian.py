@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import threading
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -73,30 +74,54 @@ def _explain_attention_errors(err: RuntimeError) -> RuntimeError:
 _BACKWARD_SIGNATURE = inspect.signature(torch.autograd.backward)
 
 
+# One wrapper, installed while any thread runs a closure (reference-counted), that acts only for the
+# threads inside a closure: another thread's backward at the same time is left as it was.
+_closure_threads = threading.local()
+_install_lock = threading.Lock()
+_installs = 0
+_torch_backward: Optional[Callable[..., Any]] = None
+
+
+def _graph_building_backward(*args, **kwargs):
+    """``torch.autograd.backward`` with ``create_graph=True`` in threads running an AdaHessian closure."""
+    if getattr(_closure_threads, "depth", 0) > 0:
+        bound = _BACKWARD_SIGNATURE.bind(*args, **kwargs)
+        bound.arguments["create_graph"] = True
+        return _torch_backward(*bound.args, **bound.kwargs)
+    return _torch_backward(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def _backward_builds_graph():
-    """Inside the block, every ``backward()`` call builds the graph of the gradient (create_graph=True).
+    """Inside the block, every ``backward()`` call of this thread builds the graph of the gradient
+    (create_graph=True).
 
     ``Tensor.backward`` (and so GradScaler, Accelerate, Lightning, ...) goes through
     ``torch.autograd.backward``; this is the one place to turn a user's plain ``loss.backward()``
-    in a closure into the graph-building backward a Hessian step needs. PyTorch's warning about the
-    parameter-gradient reference cycle is silenced because the optimizer detaches the gradients
-    after the step, which breaks that cycle.
+    in a closure into the graph-building backward a Hessian step needs. The replacement is
+    installed while any thread is inside such a block and acts only on those threads. PyTorch's
+    warning about the parameter-gradient reference cycle is silenced because the optimizer detaches
+    the gradients after the step, which breaks that cycle.
     """
-    original = torch.autograd.backward
-
-    def backward(*args, **kwargs):
-        bound = _BACKWARD_SIGNATURE.bind(*args, **kwargs)
-        bound.arguments["create_graph"] = True
-        return original(*bound.args, **bound.kwargs)
-
-    torch.autograd.backward = backward
+    global _installs, _torch_backward
+    with _install_lock:
+        if _installs == 0:
+            _torch_backward = torch.autograd.backward
+            torch.autograd.backward = _graph_building_backward
+        _installs += 1
+    _closure_threads.depth = getattr(_closure_threads, "depth", 0) + 1
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*create_graph=True.*reference cycle.*")
             yield
     finally:
-        torch.autograd.backward = original
+        _closure_threads.depth -= 1
+        with _install_lock:
+            _installs -= 1
+            # code that wrapped torch.autograd.backward after us keeps its wrapper (ours inside it
+            # then passes every call through unchanged)
+            if _installs == 0 and torch.autograd.backward is _graph_building_backward:
+                torch.autograd.backward = _torch_backward
 
 
 def adahessian_update(
