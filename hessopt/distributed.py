@@ -174,7 +174,7 @@ def _optimizer_state_digest(opt) -> tuple:
     """The optimizer's step count and a digest of its probe generators' states (live or loaded)."""
     import hashlib
 
-    glob = opt.state_dict()["state"].get("adahessian", {})
+    glob = opt.global_state_snapshot()
     digest = hashlib.sha256()
     for name, state in sorted(glob.get("generator_states", {}).items()):
         digest.update(name.encode())

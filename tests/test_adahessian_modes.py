@@ -43,15 +43,20 @@ def _frozen_state(opt):
     return torch.load(buffer)
 
 
-def _assert_same_state(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        if isinstance(a[key], dict):
-            _assert_same_state(a[key], b[key])
-        elif isinstance(a[key], torch.Tensor):
-            assert torch.equal(a[key], b[key]), key
-        else:
-            assert a[key] == b[key], key
+def _assert_same_state(a, b, where="state_dict"):
+    """Equal nested dicts / lists / tensors (the global entry in param_groups holds tensors)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_same_state(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)) and any(isinstance(x, (dict, list, tuple, torch.Tensor)) for x in a):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
 
 
 def _explicit_step(opt, model, x, y, create_graph):

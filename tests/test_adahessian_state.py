@@ -69,7 +69,9 @@ def test_state_lives_in_optimizer_state_with_snake_case_keys():
             assert key == "adahessian"
         assert all(snake.match(k) for k in state)
     assert all(set(vars(p)) == attrs[id(p)] for p in model.parameters())  # nothing stored on the Parameter
-    saved = opt.state_dict()["state"]["adahessian"]
+    sd = opt.state_dict()
+    assert all(isinstance(k, int) for k in sd["state"])  # parameter indices only, as torch's own
+    saved = sd["param_groups"][0]["adahessian"]
     assert saved["step"] == 3 and saved["seed"] == 0 and set(saved["generator_states"]) == {"cpu"}
 
 
@@ -100,8 +102,57 @@ def test_resume_is_bit_identical_even_into_an_optimizer_with_another_seed(split)
         for name, value in a["state"][k].items():
             if isinstance(value, torch.Tensor):
                 assert torch.equal(value, b["state"][k][name]), (k, name)
-    assert torch.equal(a["state"]["adahessian"]["generator_states"]["cpu"],
-                       b["state"]["adahessian"]["generator_states"]["cpu"])
+    assert torch.equal(a["param_groups"][0]["adahessian"]["generator_states"]["cpu"],
+                       b["param_groups"][0]["adahessian"]["generator_states"]["cpu"])
+
+
+def test_resume_through_torch_distributed_checkpoint_state_dict_api():
+    """torch.distributed.checkpoint's get/set_optimizer_state_dict (the FSDP2 / DCP path) map every
+    ``state`` key to a parameter name: the optimizer-wide entry must not be there, and a run resumed
+    through them is bit-identical."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    hyper = dict(lr=0.05, update_each=2, seed=5)
+    full_model = _model()
+    full = hessopt.AdaHessian(full_model.parameters(), **hyper)
+    _run(full, full_model, 5)
+
+    first_model = _model()
+    first = hessopt.AdaHessian(first_model.parameters(), **hyper)
+    _run(first, first_model, 3)
+    saved = _roundtrip({"model": first_model.state_dict(), "opt": get_optimizer_state_dict(first_model, first)})
+    assert set(saved["opt"]["state"]) == {name for name, _ in first_model.named_parameters()}
+
+    resumed_model = _model(seed=99)
+    resumed_model.load_state_dict(saved["model"])
+    resumed = hessopt.AdaHessian(resumed_model.parameters(), **{**hyper, "seed": 123})
+    set_optimizer_state_dict(resumed_model, resumed, saved["opt"])
+    assert resumed.seed == 5 and resumed.state["adahessian"]["step"] == 3
+    assert "adahessian" not in resumed.param_groups[0]  # the entry is not left behind as a hyper-parameter
+    _run(resumed, resumed_model, 2)
+    for p, q in zip(full_model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_state_dict_of_hessopt_0_1_0_still_loads():
+    """hessopt 0.1.0 kept the optimizer-wide entry in ``state["adahessian"]``."""
+    model = _model()
+    opt = hessopt.AdaHessian(model.parameters(), seed=4)
+    _run(opt, model, 2)
+    new = opt.state_dict()
+    old = {"state": {**new["state"], "adahessian": new["param_groups"][0]["adahessian"]},
+           "param_groups": [{k: v for k, v in g.items() if k != "adahessian"} for g in new["param_groups"]]}
+    a_model, b_model = _model(), _model()
+    a_model.load_state_dict(model.state_dict())
+    b_model.load_state_dict(model.state_dict())
+    a = hessopt.AdaHessian(a_model.parameters())
+    b = hessopt.AdaHessian(b_model.parameters())
+    a.load_state_dict(_roundtrip(new))  # through bytes: torch loads tensors by reference otherwise
+    b.load_state_dict(_roundtrip(old))
+    assert b.seed == 4 and b.state["adahessian"]["step"] == 2
+    _run(a, a_model, 2)
+    _run(b, b_model, 2)
+    assert all(torch.equal(p, q) for p, q in zip(a_model.parameters(), b_model.parameters()))
 
 
 def test_state_dict_global_entry_is_a_snapshot_and_not_shared():
@@ -110,7 +161,7 @@ def test_state_dict_global_entry_is_a_snapshot_and_not_shared():
     _run(opt, model, 2)
     saved = opt.state_dict()
     _run(opt, model, 1)
-    assert saved["state"]["adahessian"]["step"] == 2  # not moved by later steps
+    assert saved["param_groups"][0]["adahessian"]["step"] == 2  # not moved by later steps
     twins = []
     for _ in range(2):
         m = _model()
@@ -120,7 +171,7 @@ def test_state_dict_global_entry_is_a_snapshot_and_not_shared():
     _run(twins[0][0], twins[0][1], 1)
     assert twins[0][0].state["adahessian"]["step"] == 3
     assert twins[1][0].state["adahessian"]["step"] == 2  # the two loads do not share a counter
-    assert saved["state"]["adahessian"]["step"] == 2
+    assert saved["param_groups"][0]["adahessian"]["step"] == 2
 
 
 def test_deepcopy_and_pickle_continue_the_same_run():
@@ -372,7 +423,7 @@ def test_nonfinite_first_estimate_holds_the_parameter_until_a_finite_one():
     fresh.load_state_dict(torch.load(buf))
     assert fresh._curvature_due()
     legacy = opt.state_dict()
-    del legacy["state"]["adahessian"]["curvature_pending"]  # a state dict saved before the flag existed
+    del legacy["param_groups"][0]["adahessian"]["curvature_pending"]  # saved before the flag existed
     older = hessopt.AdaHessian(params, curvature=curvature, update_each=5)
     older.load_state_dict(legacy)
     assert older._curvature_due()

@@ -20,7 +20,7 @@ from .curvature import make_curvature, needs_graph
 
 __all__ = ["AdaHessian", "SecondOrderGraphError", "adahessian_update"]
 
-_GLOBAL_KEY = "adahessian"  # the optimizer-wide entry in self.state (step counter, probe generators)
+_GLOBAL_KEY = "adahessian"  # optimizer-wide entry: self.state[_GLOBAL_KEY] in memory, param_groups[0][_GLOBAL_KEY] in state_dict()
 _OPTIONS = ("update_each", "seed", "foreach", "curvature", "_warned_nonfinite", "_distributed_mode")  # kept by copies and pickles
 _PICKLED_GENERATORS = "_adahessian_generator_states"
 
@@ -381,37 +381,49 @@ class AdaHessian(torch.optim.Optimizer):
         return gen
 
     def state_dict(self) -> Dict[str, Any]:
-        """``torch.optim`` state dict; the ``"adahessian"`` entry of ``state`` holds the optimizer-wide
-        step counter, the seed and the probe generators' states (a snapshot, unlike the per-parameter
-        tensors, which torch returns by reference)."""
+        """``torch.optim`` state dict. ``state`` holds the per-parameter tensors (by parameter index,
+        as torch does); the optimizer-wide entry goes into the first parameter group as
+        ``param_groups[0]["adahessian"]``: the step counter, the seed, the probe generators' states
+        (a snapshot, unlike the per-parameter tensors, which torch returns by reference) and whether
+        a Hessian step is pending. In ``state`` its string key would break tools that map every
+        state key to a parameter name (``torch.distributed.checkpoint.state_dict``, FSDP)."""
         state_dict = super().state_dict()
+        state_dict["state"].pop(_GLOBAL_KEY, None)
+        state_dict["param_groups"][0][_GLOBAL_KEY] = self.global_state_snapshot()
+        return state_dict
+
+    def global_state_snapshot(self) -> Dict[str, Any]:
+        """A copy of the optimizer-wide state: ``step``, ``seed``, ``generator_states`` (per device,
+        live or loaded) and ``curvature_pending``; what :meth:`state_dict` saves beside the
+        per-parameter state, and what the ranks compare under ``torch.distributed``."""
         glob = self.state[_GLOBAL_KEY]
         generator_states = {k: v.clone() for k, v in glob["generator_states"].items()}
         generator_states.update({str(d): g.get_state() for d, g in self._generators.items()})
-        state_dict["state"][_GLOBAL_KEY] = {
-            "step": glob["step"], "seed": self.seed, "generator_states": generator_states,
-            "curvature_pending": bool(glob.get("curvature_pending", False)),
-        }
-        return state_dict
+        return {"step": glob["step"], "seed": self.seed, "generator_states": generator_states,
+                "curvature_pending": bool(glob.get("curvature_pending", False))}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a state dict saved by :meth:`state_dict`; the run then continues bit-identically,
-        with the saved seed and probe streams (whatever ``seed`` this optimizer was built with)."""
-        glob = state_dict.get("state", {}).get(_GLOBAL_KEY)
+        with the saved seed and probe streams (whatever ``seed`` this optimizer was built with).
+        State dicts of hessopt 0.1.0, which kept the optimizer-wide entry in ``state``, load too."""
+        groups = state_dict.get("param_groups") or [{}]
+        glob = groups[0].get(_GLOBAL_KEY, state_dict.get("state", {}).get(_GLOBAL_KEY))
         if not isinstance(glob, dict) or "generator_states" not in glob:
             raise ValueError(
                 "this state_dict was not saved by hessopt.AdaHessian (it has no probe-generator state); "
                 "load it into the optimizer type that saved it"
             )
-        super().load_state_dict(state_dict)
-        # A private copy: torch stores non-parameter entries by reference, and the step counter of
-        # two optimizers loaded from one dict must not be shared.
+        plain = dict(state_dict)  # torch's part: without the optimizer-wide entry, wherever it was
+        plain["state"] = {k: v for k, v in state_dict["state"].items() if k != _GLOBAL_KEY}
+        plain["param_groups"] = [{k: v for k, v in g.items() if k != _GLOBAL_KEY} for g in state_dict["param_groups"]]
+        super().load_state_dict(plain)
+        # A private copy: the step counter of two optimizers loaded from one dict must not be shared.
         self.seed = int(glob.get("seed", self.seed))
         self.state[_GLOBAL_KEY] = {
             "step": int(glob["step"]),
             "seed": self.seed,
-            "curvature_pending": self._loaded_pending(glob),
             "generator_states": {k: v.detach().cpu().clone() for k, v in glob["generator_states"].items()},
+            "curvature_pending": self._loaded_pending(glob),
         }
         self._generators = {}  # rebuilt from the loaded states on first use
         if getattr(self, "_distributed", None) is not None:
