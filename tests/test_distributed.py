@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -128,6 +129,14 @@ def test_ddp_over_a_one_process_subgroup_trains_each_rank_alone(ranks, batches):
     for rank, result in enumerate(ranks):
         local = [common.shard(b, rank * per_rank, (rank + 1) * per_rank) for b in batches]
         assert _max_diff(result["subgroup"], common.reference_run("explicit", 1, local)) < TOL
+
+
+def test_optimizer_on_a_process_group_deep_copies_but_does_not_pickle(ranks):
+    """copy.deepcopy shares the group; pickle.dumps is refused with advice (save state_dict())."""
+    for result in ranks:
+        assert result["subgroup/deepcopy_shares_group"] is True
+        assert re.search(r"distributed=<a ProcessGroup>, which cannot be pickled.*state_dict\(\)",
+                         result["subgroup/pickle"])
 
 
 def test_hessian_operator_between_ddp_adahessian_steps(ranks, batches):

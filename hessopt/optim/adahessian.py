@@ -5,6 +5,7 @@ See :class:`AdaHessian` for the update rule, its sources, and the three ways to 
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
 import threading
@@ -436,14 +437,36 @@ class AdaHessian(torch.optim.Optimizer):
             return bool(glob["curvature_pending"])
         return any(isinstance(p, torch.Tensor) and s.get("hessian_step", 1) == 0 for p, s in self.state.items())
 
-    def __getstate__(self) -> Dict[str, Any]:
-        """For ``copy.deepcopy`` and pickling: torch's ``Optimizer.__getstate__`` keeps only
-        ``defaults``, ``state`` and ``param_groups``; a copy also needs the options and the probe
-        generators (as states: a copy continues the same probe stream, independently)."""
+    def _copy_state(self) -> Dict[str, Any]:
+        """What a copy needs: torch's ``Optimizer.__getstate__`` keeps only ``defaults``, ``state``
+        and ``param_groups``; a copy also needs the options and the probe generators (as states: a
+        copy continues the same probe stream, independently)."""
         state = super().__getstate__()
         state.update({name: self.__dict__[name] for name in _OPTIONS})
         state[_PICKLED_GENERATORS] = {str(d): g.get_state() for d, g in self._generators.items()}
         return state
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """For pickling (see :meth:`_copy_state`). A ``ProcessGroup`` passed as ``distributed=``
+        cannot leave its process: save ``state_dict()`` instead."""
+        if not (self._distributed_mode is None or isinstance(self._distributed_mode, bool)):
+            raise TypeError(
+                "this AdaHessian was built with distributed=<a ProcessGroup>, which cannot be pickled "
+                "(a process group does not travel between processes). Save opt.state_dict() instead: it "
+                "holds everything a resumed run needs, and loads into an optimizer built on the new group"
+            )
+        return self._copy_state()
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "AdaHessian":
+        """A deep copy with its own state and probe stream; a ``distributed=`` process group is
+        shared, not copied (it is the same communicator)."""
+        mode = self._distributed_mode
+        if not (mode is None or isinstance(mode, bool)):
+            memo[id(mode)] = mode
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self._copy_state(), memo))
+        return new
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         pickled = _PICKLED_GENERATORS in state

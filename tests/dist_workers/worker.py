@@ -8,8 +8,10 @@ the process that raises), so the job goes on.
 """
 from __future__ import annotations
 
+import copy
 import datetime
 import importlib.util
+import pickle
 import sys
 from pathlib import Path
 
@@ -74,6 +76,13 @@ def main(out: Path, rank: int, world: int) -> None:
     opt = hessopt.AdaHessian(ddp.parameters(), distributed=groups[rank], **common.OPT_ARGS)
     common.train(ddp, opt, local, "explicit")
     results["subgroup"] = common.params_of(model)
+    # a copy shares the process group (a communicator is not copied); pickling it is refused
+    results["subgroup/deepcopy_shares_group"] = copy.deepcopy(opt)._distributed_mode is groups[rank]
+    try:
+        pickle.dumps(opt)
+        results["subgroup/pickle"] = "pickled"
+    except TypeError as err:
+        results["subgroup/pickle"] = str(err)
 
     # -- diagnostics over sharded data ------------------------------------------------------------
     model = common.build_model()
