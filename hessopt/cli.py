@@ -13,6 +13,12 @@ deviation, as in training, without augmentation), and writes
 * PNG plots (density on a log scale, layer-wise bars, landscape curve and contours);
 * ``DIR/report.md``, a summary that embeds the plots.
 
+Checkpoints of ``--stream`` runs (an ImageFolder tree streamed by :class:`hessopt.zoo.FolderLoader`;
+their ``dataset_args`` say ``stream=True`` and record ``image_size``, ``mean`` and ``std``) are
+analyzed on held-out images read the same way: the loader's evaluation transform (resize, center
+crop, normalization). ``--stream`` asks for that with any imagefolder checkpoint (ImageNet's mean
+and std, and ``--image-size`` or 224, where the checkpoint records none).
+
 BatchNorm uses its running statistics (``--bn-mode eval``, the network as used for inference);
 ``--bn-mode train`` takes the Hessian of the training-mode loss (batch statistics), without
 touching the running statistics.
@@ -93,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--dataset", default=None, help="digits, cifar10 or imagefolder (default: the checkpoint's)")
     a.add_argument("--data-dir", default=None, help="data location (default: the checkpoint's, else the dataset's default)")
     a.add_argument("--cache-dir", default=None, help="cache for decoded images")
+    a.add_argument("--stream", action="store_true",
+                   help="imagefolder: read the test images through hessopt.zoo.FolderLoader's evaluation transform "
+                        "(resize, center crop; implied by checkpoints of --stream runs) instead of into memory")
+    a.add_argument("--image-size", type=_positive_int, default=None,
+                   help="with --stream: image side (default: the checkpoint's, else 224)")
     a.add_argument("--out", required=True, help="output directory (created)")
     a.add_argument("--model", default=None, help="model name, if the checkpoint's config does not say")
     a.add_argument("--batch-size", type=_positive_int, default=128, help="test images per batch")
@@ -235,6 +246,9 @@ def _config(ckpt: Dict[str, Any]) -> Dict[str, Any]:
             config["dataset"] = dataset_args["name"]
         if dataset_args.get("data_dir"):
             config["data_dir"] = dataset_args["data_dir"]
+        for key in ("stream", "image_size", "mean", "std"):  # streamed runs: how the images were read
+            if dataset_args.get(key) is not None:
+                config[key] = dataset_args[key]
     return config
 
 
@@ -255,6 +269,26 @@ def _load_data(name: str, data_dir: Optional[str], cache_dir: Optional[str]):
         return zoo.load_dataset(name, data_dir=data_dir, cache_dir=cache_dir)
     except (FileNotFoundError, ValueError, OSError) as err:
         raise CLIError(f"cannot load dataset {name!r}" + (f" from {data_dir}" if data_dir else "") + f": {err}") from err
+
+
+class _StreamedData:
+    """The held-out split of an ImageFolder tree, read image by image (checkpoints of ``--stream`` runs)."""
+
+    name, in_chans = "imagefolder", 3
+
+    def __init__(self, data_dir: Optional[str], config: Dict[str, Any], image_size: Optional[int]):
+        from . import zoo
+
+        if not data_dir:
+            raise CLIError("--stream needs --data-dir: the folder that holds train/<class>/* and val/<class>/*")
+        try:
+            _, self.val = zoo.image_folders(data_dir)
+        except (ValueError, OSError, ImportError) as err:
+            raise CLIError(f"cannot read the image folders in {data_dir}: {err}") from err
+        self.num_classes = len(self.val.classes)
+        self.image_size = int(image_size or config.get("image_size") or 224)
+        self.mean = tuple(config.get("mean") or zoo.IMAGENET_MEAN)
+        self.std = tuple(config.get("std") or zoo.IMAGENET_STD)
 
 
 def _build(config: Dict[str, Any], model_name: Optional[str], data, state: Dict[str, Any], device):
@@ -295,8 +329,12 @@ def analysis_subset(num_images: int, count: int, seed: int):
 
 
 def _test_batches(data, batch_size: int, num_batches: int, device, seed: int) -> List[Tuple[Any, Any]]:
-    from .zoo import DeviceLoader
+    from .zoo import DeviceLoader, FolderLoader
 
+    if isinstance(data, _StreamedData):  # the same subset rule, decoded with the evaluation transform
+        idx = analysis_subset(len(data.val), batch_size * num_batches, seed)
+        return list(FolderLoader(data.val, batch_size, indices=idx, image_size=data.image_size, mean=data.mean,
+                                 std=data.std, num_workers=0, device=device))
     idx = analysis_subset(data.test_x.shape[0], batch_size * num_batches, seed)
     loader = DeviceLoader(data.test_x[idx], data.test_y[idx], batch_size, data.mean, data.std,
                           shuffle=False, augment=False, drop_last=False, device=device)
@@ -320,7 +358,6 @@ def _loss_and_accuracy(model, loss_fn, batches, bn_mode: str) -> Tuple[float, fl
 
 def analyze(args: argparse.Namespace) -> Dict[str, Any]:
     """Run ``hessopt analyze`` for parsed ``args``; returns the report (also written to ``args.out``)."""
-    import torch
     from torch import nn
 
     from . import spectral_density, top_eigenvalues, trace
@@ -351,7 +388,13 @@ def analyze(args: argparse.Namespace) -> Dict[str, Any]:
         data_dir = config.get("data_dir")
         if data_dir and not os.path.exists(str(data_dir)):
             data_dir = None  # trained elsewhere (e.g. on a GPU machine): fall back to the dataset's default
-    data = _load_data(dataset, data_dir, args.cache_dir)
+    same_data = dataset == config.get("dataset")
+    if args.stream and dataset != "imagefolder":
+        raise CLIError(f"--stream reads ImageFolder trees: it needs --dataset imagefolder, not {dataset!r}")
+    if dataset == "imagefolder" and (args.stream or (same_data and config.get("stream"))):
+        data = _StreamedData(data_dir, config if same_data else {}, args.image_size)
+    else:
+        data = _load_data(dataset, data_dir, args.cache_dir)
     model = _build(config, args.model, data, ckpt["model"], device)
     batches = _test_batches(data, args.batch_size, args.num_batches, device, args.seed)
     num_samples = sum(int(y.shape[0]) for _, y in batches)

@@ -6,6 +6,10 @@
   archive, decoded once and cached), ``imagefolder`` (small in-memory sets), as :class:`ImageData`.
 * :class:`DeviceLoader` — batches normalized and augmented on the device, in a reproducible,
   resumable order.
+* :class:`FolderLoader` — ImageNet-size ``train/`` + ``val/`` trees (:func:`image_folders`) streamed
+  with ``DataLoader`` workers (decoding and the standard ImageNet transforms in the workers), with
+  the same interface, and batches that do not depend on the number of workers; :func:`fixed_batch`
+  gives held-out images for curvature monitoring. Needs torchvision.
 
 Example:
     >>> from hessopt.zoo import build_model, load_dataset, DeviceLoader
@@ -16,12 +20,18 @@ Example:
 from .data import CIFAR10_CLASSES, DATASETS, ImageData, load_dataset
 from .loader import DeviceLoader
 from .models import ZOO_MODELS, CifarResNet, DigitsCNN, build_model
+from .stream import IMAGENET_MEAN, IMAGENET_STD, FolderLoader, fixed_batch, image_folders
 
 __all__ = [
     "build_model",
     "load_dataset",
     "ImageData",
     "DeviceLoader",
+    "FolderLoader",
+    "image_folders",
+    "fixed_batch",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "CifarResNet",
     "DigitsCNN",
     "ZOO_MODELS",

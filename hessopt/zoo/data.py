@@ -31,9 +31,10 @@ Sources:
   the ImageNet / torchvision ``ImageFolder`` layout; classes sorted by name. **Limit:** this is an
   in-memory loader. All images must share one size (resize them beforehand, e.g. to 64x64 for a
   downsampled ImageNet) and the decoded set must fit in memory (refused above
-  ``HESSOPT_MAX_IMAGEFOLDER_GB``, default 16 GB). Full-resolution ImageNet does not fit: train it
-  with timm's own ``train.py`` and ``hessopt.integrations.timm.register()`` (``--opt
-  hessopt_adahessian``), which streams JPEGs with worker processes.
+  ``HESSOPT_MAX_IMAGEFOLDER_GB``, default 16 GB). Full-resolution ImageNet does not fit: stream it
+  instead, with ``--stream`` in ``recipes/image_classification/train.py`` or, from Python,
+  :class:`hessopt.zoo.FolderLoader` (JPEGs decoded by ``DataLoader`` workers, images of any size,
+  resized and cropped by the standard ImageNet transforms).
 """
 from __future__ import annotations
 
@@ -165,12 +166,12 @@ def _decode(data: bytes) -> np.ndarray:
     return arr.transpose(2, 0, 1)
 
 
-def _stack(images: List[np.ndarray], where: str) -> np.ndarray:
+def _stack(images: List[np.ndarray], where: str, hint: str = "resize the images beforehand") -> np.ndarray:
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
         raise ValueError(
             f"{where}: images have different sizes {sorted(shapes)[:4]}...; this in-memory loader "
-            "needs one size: resize the images beforehand"
+            f"needs one size: {hint}"
         )
     return np.stack(images)
 
@@ -362,6 +363,9 @@ def _cached(source: Path, cache_dir: Optional[str], build) -> ImageData:
 # --------------------------------------------------------------------------------------------------
 # ImageFolder
 
+_STREAM_HINT = ("stream the JPEGs instead: --stream in recipes/image_classification/train.py, or "
+                "hessopt.zoo.FolderLoader from Python (any image size, DataLoader workers)")
+
 
 def _load_imagefolder(root: Path) -> ImageData:
     root = root.expanduser()
@@ -393,11 +397,11 @@ def _load_imagefolder(root: Path) -> ImageData:
     if need_gb > limit_gb:
         raise ValueError(
             f"imagefolder would hold {need_gb:.1f} GB of decoded images in memory (limit {limit_gb:g} GB, "
-            "HESSOPT_MAX_IMAGEFOLDER_GB): this loader is for small sets; downsample the images, or train "
-            "with timm's train.py and hessopt.integrations.timm.register() (--opt hessopt_adahessian)"
+            f"HESSOPT_MAX_IMAGEFOLDER_GB): this loader is for small sets; downsample the images, or {_STREAM_HINT}"
         )
     out = {}
     for split, items in files.items():
         images = [_decode(f.read_bytes()) for f, _ in items]
-        out[split] = (_stack(images, str(root / split)), [label for _, label in items])
+        out[split] = (_stack(images, str(root / split), hint=f"resize the images beforehand, or {_STREAM_HINT}"),
+                      [label for _, label in items])
     return _make("imagefolder", out["train"][0], out["train"][1], out["test"][0], out["test"][1], classes)

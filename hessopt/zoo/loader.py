@@ -25,10 +25,79 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DeviceLoader"]
+__all__ = ["DeviceLoader", "ShardedEpochs"]
 
 
-class DeviceLoader:
+class ShardedEpochs:
+    """The epoch bookkeeping :class:`DeviceLoader` and :class:`hessopt.zoo.FolderLoader` share:
+    sizes, the ``{"seed", "epoch"}`` state and the per-epoch generator.
+
+    Subclasses set ``batch_size``, ``local_batch_size``, ``drop_last``, ``seed``, ``epoch``,
+    ``rank``, ``world_size``, ``max_batches`` and provide :attr:`num_images`.
+    """
+
+    batch_size: int
+    local_batch_size: int
+    drop_last: bool
+    seed: int
+    epoch: int
+    rank: int
+    world_size: int
+    max_batches: Optional[int]
+
+    @staticmethod
+    def check_sharding(batch_size: int, rank: int, world_size: int, max_batches: Optional[int]) -> None:
+        """Raise a ValueError for a batch size, shard or batch limit the loaders cannot honour."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not (0 <= rank < world_size):
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if batch_size % world_size:
+            raise ValueError(
+                f"batch_size {batch_size} is not divisible by the number of processes {world_size}: "
+                "every rank must get the same number of images per step"
+            )
+        if max_batches is not None and max_batches < 1:
+            raise ValueError(f"max_batches must be None or positive, got {max_batches!r}")
+
+    @property
+    def num_images(self) -> int:
+        """Images the loader draws from (all ranks together)."""
+        raise NotImplementedError
+
+    @property
+    def num_samples(self) -> int:
+        """Images this rank sees per full epoch (before ``max_batches``)."""
+        n = self.num_images
+        if self.world_size == 1:
+            return n
+        if self.drop_last:
+            return (n // self.batch_size) * self.local_batch_size
+        return len(range(self.rank, n, self.world_size))
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.num_images, self.batch_size)
+        batches = full if self.drop_last or rest == 0 else full + 1
+        return batches if self.max_batches is None else min(batches, self.max_batches)
+
+    def state_dict(self) -> Dict[str, int]:
+        """``{"seed", "epoch"}``: everything that decides the next epoch's batches."""
+        return {"seed": self.seed, "epoch": self.epoch}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def generator(self, epoch: Optional[int] = None) -> torch.Generator:
+        """The CPU generator whose draws decide epoch ``epoch`` (default: the next one)."""
+        epoch = self.epoch if epoch is None else epoch
+        # distinct, fixed streams per (seed, epoch); 2**31 - 1 is a prime larger than any epoch count
+        return torch.Generator().manual_seed(self.seed * 2_147_483_647 + epoch)
+
+
+class DeviceLoader(ShardedEpochs):
     """Batches of normalized (and optionally augmented) images from uint8 tensors on a device.
 
     Args:
@@ -80,20 +149,10 @@ class DeviceLoader:
             raise TypeError("images must be a uint8 tensor of shape (N, C, H, W)")
         if not isinstance(labels, torch.Tensor) or labels.shape != (images.shape[0],):
             raise ValueError(f"labels must be a tensor of shape ({images.shape[0]},)")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if not (0 <= rank < world_size):
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        if batch_size % world_size:
-            raise ValueError(
-                f"batch_size {batch_size} is not divisible by the number of processes {world_size}: "
-                "every rank must get the same number of images per step"
-            )
+        self.check_sharding(batch_size, rank, world_size, max_batches)
         c = images.shape[1]
         if len(mean) != c or len(std) != c:
             raise ValueError(f"mean and std need one value per channel ({c})")
-        if max_batches is not None and max_batches < 1:
-            raise ValueError(f"max_batches must be None or positive, got {max_batches!r}")
         self.device = torch.device(device) if device is not None else images.device
         self.images = images.to(self.device)
         self.labels = labels.to(self.device, torch.int64)
@@ -109,41 +168,9 @@ class DeviceLoader:
         self._mean = torch.tensor(mean, dtype=dtype, device=self.device).view(shape)
         self._inv_std = 1.0 / torch.tensor(std, dtype=dtype, device=self.device).view(shape)
 
-    # -- sizes -------------------------------------------------------------------------------------
-
     @property
-    def num_samples(self) -> int:
-        """Images this rank sees per full epoch (before ``max_batches``)."""
-        n = self.images.shape[0]
-        if self.world_size == 1:
-            return n
-        if self.drop_last:
-            return (n // self.batch_size) * self.local_batch_size
-        return len(range(self.rank, n, self.world_size))
-
-    def __len__(self) -> int:
-        n = self.images.shape[0]
-        full, rest = divmod(n, self.batch_size)
-        batches = full if self.drop_last or rest == 0 else full + 1
-        return batches if self.max_batches is None else min(batches, self.max_batches)
-
-    # -- state -------------------------------------------------------------------------------------
-
-    def state_dict(self) -> Dict[str, int]:
-        """``{"seed", "epoch"}``: everything that decides the next epoch's batches."""
-        return {"seed": self.seed, "epoch": self.epoch}
-
-    def load_state_dict(self, state: Dict[str, int]) -> None:
-        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def generator(self, epoch: Optional[int] = None) -> torch.Generator:
-        """The CPU generator whose draws decide epoch ``epoch`` (default: the next one)."""
-        epoch = self.epoch if epoch is None else epoch
-        # distinct, fixed streams per (seed, epoch); 2**31 - 1 is a prime larger than any epoch count
-        return torch.Generator().manual_seed(self.seed * 2_147_483_647 + epoch)
+    def num_images(self) -> int:
+        return self.images.shape[0]
 
     # -- iteration ---------------------------------------------------------------------------------
 

@@ -18,6 +18,11 @@ Commands (from the repository root):
     # several processes (DDP; gloo on CPU, nccl on GPU); --batch-size is the global batch
     torchrun --nproc_per_node=2 recipes/image_classification/train.py --dataset digits --epochs 2 --output-dir runs/ddp
 
+    # ImageNet-size train/ + val/ JPEG trees: streamed by DataLoader workers (hessopt.zoo.FolderLoader)
+    torchrun --nproc_per_node=8 recipes/image_classification/train.py --dataset imagefolder --stream \
+        --data-dir /data/imagenet --model resnet50 --image-size 224 --workers 8 --opt adahessian \
+        --batch-size 256 --eval-batch-size 250 --epochs 90 --output-dir runs/imagenet_ah
+
 Outputs in --output-dir: config.json (the options as given and as resolved), metrics.jsonl (one JSON
 object per epoch), curvature.jsonl (with --curvature-every), checkpoint.pt (after every epoch,
 written atomically), tensorboard/ (when installed), training.png / curvature.png / density.png.
@@ -32,14 +37,13 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -52,7 +56,8 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     import hessopt
 from hessopt.monitor import CurvatureMonitor, plot_run, read_jsonl
-from hessopt.zoo import DeviceLoader, build_model, load_dataset
+from hessopt.zoo import (IMAGENET_MEAN, IMAGENET_STD, DeviceLoader, FolderLoader, build_model, fixed_batch,
+                         image_folders, load_dataset)
 
 
 def _opt(default: Any, help: str, **argparse_kwargs: Any) -> Any:
@@ -69,7 +74,10 @@ class Config:
     model: Optional[str] = _opt(None, "cifar_resnet20/32/38/56, digits_cnn, or a timm model (default cifar_resnet20)", type=str)
     batchnorm: bool = _opt(True, "keep BatchNorm layers (--no-batchnorm removes them; zoo models only)", type=bool)
     residual: bool = _opt(True, "keep residual connections (--no-residual: plain network; CIFAR ResNets)", type=bool)
-    augment: Optional[bool] = _opt(None, "random crop (padding 4) + flip (default: on for cifar10/imagefolder, off for digits)", type=bool)
+    augment: Optional[bool] = _opt(None, "random crop (padding 4) + flip; with --stream RandomResizedCrop + flip (default: on for cifar10/imagefolder, off for digits)", type=bool)
+    stream: bool = _opt(False, "imagefolder only: stream JPEGs with DataLoader workers instead of decoding the set into memory; for ImageNet-size trees", type=bool)
+    image_size: int = _opt(224, "--stream: side of the square images (training: RandomResizedCrop; evaluation: resize to image_size/0.875, center crop)", type=int)
+    workers: int = _opt(4, "--stream: DataLoader worker processes per rank (0: decode in the training process; the batches do not depend on it)", type=int)
     # optimization
     preset: Optional[str] = _opt(None, "paper_adahessian_cifar | paper_sgd_cifar", type=str, choices=("paper_adahessian_cifar", "paper_sgd_cifar"))
     opt: Optional[str] = _opt(None, "adahessian | sgd | adamw | any timm optimizer name (default adahessian)", type=str)
@@ -122,7 +130,7 @@ OPT_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "timm": dict(lr=1e-3, weight_decay=0.05),
 }
 # changing these on --resume would make the checkpoint meaningless
-RESUME_FIXED = ("dataset", "data_dir", "model", "batchnorm", "residual", "opt", "seed", "batch_size")
+RESUME_FIXED = ("dataset", "data_dir", "stream", "image_size", "model", "batchnorm", "residual", "opt", "seed", "batch_size")
 
 
 def resolve(cfg: Config) -> Tuple[Config, List[str]]:
@@ -151,11 +159,17 @@ def resolve(cfg: Config) -> Tuple[Config, List[str]]:
     values["milestones"] = tuple(values["milestones"])
     if values["betas"] is not None:
         values["betas"] = tuple(values["betas"])
-    for key in ("epochs", "batch_size", "update_each", "eval_batch_size", "curvature_batch_size"):
+    for key in ("epochs", "batch_size", "update_each", "eval_batch_size", "curvature_batch_size", "image_size"):
         if values[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {values[key]}")
-    if values["curvature_every"] < 0:
-        raise ValueError("--curvature-every must be >= 0")
+    for key in ("curvature_every", "workers"):
+        if values[key] < 0:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {values[key]}")
+    if values["stream"] and values["dataset"] != "imagefolder":
+        raise ValueError(f"--stream reads train/ + val/ JPEG folders: it needs --dataset imagefolder, not "
+                         f"{values['dataset']} (which is small enough to decode into memory: drop --stream)")
+    if values["stream"] and not values["data_dir"]:
+        raise ValueError("--stream needs --data-dir: the folder that holds train/<class>/* and val/<class>/*")
     return Config(**values), notes
 
 
@@ -242,6 +256,72 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 def lr_factor(cfg: Config):
     """lr multiplier of epoch ``e`` (0-based): gamma ** (number of milestones <= e)."""
     return lambda e: cfg.gamma ** sum(1 for m in cfg.milestones if m <= e)
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class RunData:
+    """What main() needs from the data, held in memory (DeviceLoader) or streamed (FolderLoader)."""
+    train_loader: Any
+    test_loader: Any  # this rank's share of the test split
+    num_classes: int
+    in_chans: int
+    train_size: int
+    test_size: int
+    probe: Callable[[int], Tuple[torch.Tensor, torch.Tensor]]  # n fixed held-out images -> this rank's share
+    args: Dict[str, Any]  # the checkpoint's dataset_args: what `hessopt analyze` rebuilds the data from
+
+
+def load_data(cfg: Config, dist: Dist, device: torch.device) -> RunData:
+    return _streamed_data(cfg, dist, device) if cfg.stream else _in_memory_data(cfg, dist, device)
+
+
+def _in_memory_data(cfg: Config, dist: Dist, device: torch.device) -> RunData:
+    # rank 0 decodes (and caches) first, the others read the cache
+    if dist.world_size > 1 and not dist.main:
+        torch.distributed.barrier()
+    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.cache_dir)
+    if dist.world_size > 1 and dist.main:
+        torch.distributed.barrier()
+    pad = 4 if data.image_size[0] >= 16 else 1
+    train_loader = DeviceLoader(data.train_x, data.train_y, cfg.batch_size, data.mean, data.std, shuffle=True,
+                                augment=cfg.augment, pad=pad, flip=cfg.dataset != "digits", seed=cfg.seed,
+                                device=device, rank=dist.rank, world_size=dist.world_size,
+                                max_batches=cfg.max_steps_per_epoch)
+    test_shard = slice(dist.rank, None, dist.world_size)
+    test_loader = DeviceLoader(data.test_x[test_shard], data.test_y[test_shard], cfg.eval_batch_size, data.mean,
+                               data.std, device=device)
+
+    def probe(n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        # a fixed random subset of the test split (CIFAR-10's test images are stored class by class)
+        pick = torch.randperm(len(data.test_y), generator=torch.Generator().manual_seed(cfg.seed))
+        mine = pick[:n][dist.rank :: dist.world_size]
+        return next(iter(DeviceLoader(data.test_x[mine], data.test_y[mine], len(mine), data.mean, data.std,
+                                      device=device)))
+
+    return RunData(train_loader, test_loader, data.num_classes, data.in_chans, len(data.train_y),
+                   len(data.test_y), probe, dict(name=cfg.dataset, data_dir=cfg.data_dir))
+
+
+def _streamed_data(cfg: Config, dist: Dist, device: torch.device) -> RunData:
+    # JPEGs decoded and transformed by DataLoader workers; ImageNet's normalization (FolderLoader's default)
+    train_set, val_set = image_folders(cfg.data_dir)
+    common = dict(image_size=cfg.image_size, num_workers=cfg.workers, device=device)
+    train_loader = FolderLoader(train_set, cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed,
+                                rank=dist.rank, world_size=dist.world_size, max_batches=cfg.max_steps_per_epoch,
+                                **common)
+    test_loader = FolderLoader(val_set, cfg.eval_batch_size, indices=range(dist.rank, len(val_set), dist.world_size),
+                               **common)
+
+    def probe(n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        return fixed_batch(val_set, n, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size, **common)
+
+    args = dict(name=cfg.dataset, data_dir=cfg.data_dir, stream=True, image_size=cfg.image_size,
+                mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    return RunData(train_loader, test_loader, len(train_set.classes), 3, len(train_set), len(val_set), probe, args)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -400,28 +480,17 @@ def main(cfg: Config) -> Dict[str, Any]:
         if ckpt_path is None or not ckpt_path.exists():
             raise ValueError(f"--resume: no checkpoint at {ckpt_path}; start without --resume")
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
-        before = checkpoint["resolved"]
-        changed = [k for k in RESUME_FIXED if before.get(k) != dataclasses.asdict(cfg)[k]]
+        defaults = dataclasses.asdict(Config())  # options newer than the checkpoint had their defaults
+        before = {k: checkpoint["resolved"].get(k, defaults[k]) for k in RESUME_FIXED}
+        changed = [k for k in RESUME_FIXED if before[k] != dataclasses.asdict(cfg)[k]]
         if changed:
             raise ValueError(f"--resume with a different {', '.join(changed)} than the checkpoint "
-                             f"({', '.join(f'{k}={before.get(k)!r}' for k in changed)}): start a new --output-dir")
+                             f"({', '.join(f'{k}={before[k]!r}' for k in changed)}): start a new --output-dir")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fastest kernels; GPU runs are then not bit-reproducible
 
-    # data: rank 0 decodes (and caches) first, the others read the cache
-    if dist.world_size > 1 and not dist.main:
-        torch.distributed.barrier()
-    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.cache_dir)
-    if dist.world_size > 1 and dist.main:
-        torch.distributed.barrier()
-    pad = 4 if data.image_size[0] >= 16 else 1
-    train_loader = DeviceLoader(data.train_x, data.train_y, cfg.batch_size, data.mean, data.std, shuffle=True,
-                                augment=cfg.augment, pad=pad, flip=cfg.dataset != "digits", seed=cfg.seed,
-                                device=device, rank=dist.rank, world_size=dist.world_size,
-                                max_batches=cfg.max_steps_per_epoch)
-    test_shard = slice(dist.rank, None, dist.world_size)
-    test_loader = DeviceLoader(data.test_x[test_shard], data.test_y[test_shard], cfg.eval_batch_size, data.mean,
-                               data.std, device=device)
+    data = load_data(cfg, dist, device)
+    train_loader, test_loader = data.train_loader, data.test_loader
 
     # model and optimizer (same seed on every rank: identical initial weights)
     torch.manual_seed(cfg.seed)
@@ -465,12 +534,9 @@ def main(cfg: Config) -> Dict[str, Any]:
 
     monitor = None
     if cfg.curvature_every > 0:
-        # a fixed random subset of the test split (CIFAR-10's test images are stored class by class);
-        # each rank takes its share, and the Hessian operator averages over the ranks
-        pick = torch.randperm(len(data.test_y), generator=torch.Generator().manual_seed(cfg.seed))
-        mine = pick[: cfg.curvature_batch_size][dist.rank :: dist.world_size]
-        probe_loader = DeviceLoader(data.test_x[mine], data.test_y[mine], len(mine), data.mean, data.std, device=device)
-        monitor = CurvatureMonitor(net, criterion, next(iter(probe_loader)), every=cfg.curvature_every,
+        # a fixed random subset of the test split; each rank takes its share, and the Hessian
+        # operator averages over the ranks
+        monitor = CurvatureMonitor(net, criterion, data.probe(cfg.curvature_batch_size), every=cfg.curvature_every,
                                    k=cfg.curvature_k, trace_matvecs=cfg.curvature_trace_matvecs,
                                    density=cfg.curvature_density, seed=cfg.seed,
                                    log_path=out / "curvature.jsonl" if out and dist.main else None,
@@ -478,7 +544,8 @@ def main(cfg: Config) -> Dict[str, Any]:
         if start_epoch == 0:
             monitor.step(0, epoch=0)  # the spectrum at initialization
 
-    log(f"{cfg.model} on {cfg.dataset} ({len(data.train_y)} train / {len(data.test_y)} test), {cfg.opt} "
+    log(f"{cfg.model} on {cfg.dataset}{' (streamed)' if cfg.stream else ''} ({data.train_size} train / "
+        f"{data.test_size} test), {cfg.opt} "
         f"lr {cfg.lr:g} wd {cfg.weight_decay:g}, batch {cfg.batch_size}, {cfg.epochs} epochs, "
         f"milestones {list(cfg.milestones)}, device {device}, {dist.world_size} process(es)")
     for epoch in range(start_epoch, cfg.epochs):
@@ -503,7 +570,7 @@ def main(cfg: Config) -> Dict[str, Any]:
                 "model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "loader": train_loader.state_dict(), "rng": rng_states(device), "epoch": epoch + 1,
                 "step": counters["step"], "config": dataclasses.asdict(given), "resolved": dataclasses.asdict(cfg),
-                "model_args": model_args, "dataset_args": dict(name=cfg.dataset, data_dir=cfg.data_dir),
+                "model_args": model_args, "dataset_args": data.args,
                 "metrics": record, "hessopt_version": hessopt.__version__,
             })
     if monitor is not None:
