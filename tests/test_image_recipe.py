@@ -50,8 +50,9 @@ def test_two_step_smoke_runs(tmp_path, opt):
     result = train.main(_cfg(tmp_path, opt=opt))
     out = tmp_path / "run"
     (record,) = _jsonl(out / "metrics.jsonl")
-    for key in ("epoch", "train_loss", "val_loss", "val_acc", "lr", "time_s"):
+    for key in ("epoch", "train_loss", "val_loss", "val_acc", "lr", "time_s", "train_time_s"):
         assert key in record
+    assert 0 < record["train_time_s"] < record["time_s"]  # evaluation comes on top of training
     assert record["epoch"] == 1 and record["step"] == 2 and result["val_acc"] == record["val_acc"]
     ckpt = _load(out / "checkpoint.pt")
     for key in ("model", "optimizer", "scheduler", "loader", "rng", "epoch", "config", "model_args", "dataset_args"):

@@ -2,8 +2,9 @@
 
     python recipes/image_classification/summarize.py runs/c10_sgd runs/c10_adamw runs/c10_adahessian
 
-Columns: optimizer, epochs, final and best validation accuracy, median seconds per epoch (training
-and evaluation; curvature time excluded; the median skips the first epoch's warm-up), total time.
+Columns: optimizer, epochs, final and best validation accuracy, median seconds per epoch of
+training alone and of training plus evaluation (curvature time excluded; the medians skip the first
+epoch's warm-up), total time.
 """
 from __future__ import annotations
 
@@ -19,17 +20,24 @@ def summarize(run: Path) -> str:
     if not records:
         return f"| {run.name} | no epochs logged | | | | |"
     times = [r["time_s"] for r in records]
-    steady = times[1:] or times
+    train_times = [r.get("train_time_s") for r in records]  # absent in runs made before it was recorded
     opt = resolved["opt"] + (f" (update_each {resolved['update_each']})" if resolved.get("update_each", 1) > 1 else "")
+    train = "–" if None in train_times else f"{_steady_median(train_times):.2f}"
     return (f"| {opt} | {resolved['model']} | {len(records)} | {100 * records[-1]['val_acc']:.2f} | "
-            f"{100 * max(r['val_acc'] for r in records):.2f} | {statistics.median(steady):.2f} | {sum(times):.0f} |")
+            f"{100 * max(r['val_acc'] for r in records):.2f} | {train} | {_steady_median(times):.2f} | "
+            f"{sum(times):.0f} |")
+
+
+def _steady_median(times) -> float:
+    return statistics.median(times[1:] or times)
 
 
 def main(argv) -> None:
     if not argv:
         raise SystemExit(__doc__)
-    print("| optimizer | model | epochs | final val acc (%) | best val acc (%) | s/epoch (median) | total s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| optimizer | model | epochs | final val acc (%) | best val acc (%) | train s/epoch | train + eval s/epoch "
+          "| total s |")
+    print("|---|---|---|---|---|---|---|---|")
     for run in argv:
         print(summarize(Path(run)))
 

@@ -553,13 +553,15 @@ def main(cfg: Config) -> Dict[str, Any]:
         lr = opt.param_groups[0]["lr"]
         train_loss, train_acc, curvature_time = train_epoch(cfg, model, opt, train_loader, criterion, autocast,
                                                             monitor, counters, epoch, dist, device)
+        # train_epoch's float() results have waited for the device: the clock is honest here
+        train_time = time.perf_counter() - start - curvature_time
         sched.step()
         sync_buffers(net, dist)
         val_loss, val_acc = evaluate(net, test_loader, criterion, autocast, dist, device)
         elapsed = time.perf_counter() - start - curvature_time
         record = {"epoch": epoch + 1, "step": counters["step"], "train_loss": train_loss, "train_acc": train_acc,
                   "val_loss": val_loss, "val_acc": val_acc, "lr": lr, "time_s": elapsed,
-                  "curvature_time_s": curvature_time}
+                  "train_time_s": train_time, "curvature_time_s": curvature_time}
         log(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f} acc {100 * train_acc:.2f}%  "
             f"val loss {val_loss:.4f} acc {100 * val_acc:.2f}%  lr {lr:.4g}  {elapsed:.1f}s"
             + (f" (+{curvature_time:.1f}s curvature)" if curvature_time else ""))
