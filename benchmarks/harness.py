@@ -256,3 +256,20 @@ def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     if a is None or b is None or b == 0 or not math.isfinite(a) or not math.isfinite(b):
         return None
     return a / b
+
+
+def timing_fields(res: Dict[str, Any], clock: "Clock", warmup: int) -> Dict[str, Any]:
+    """The record fields of one contender's :func:`interleaved` result: times, memory, error."""
+    return dict(
+        step_ms=res["step_ms"],
+        step_ms_min=res["step_ms_min"],
+        step_ms_max=res["step_ms_max"],
+        samples_ms=res["samples_ms"],
+        repeats=len(res["samples_ms"]),
+        warmup_windows=warmup,
+        peak_mem_gib=res["peak_mem_gib"],
+        peak_mem_raw_gib=res["peak_mem_raw_gib"],
+        resident_gib=res["resident_gib"],
+        peak_mem_note=None if clock.cuda else "not measured on CPU",
+        error=res["error"],
+    )

@@ -38,7 +38,7 @@ import torch
 import hessopt
 from hessopt.operators import flatten
 
-from .harness import Clock, Contender, base_record, free_memory, interleaved, log, ratio
+from .harness import Clock, Contender, base_record, free_memory, interleaved, log, ratio, timing_fields
 from .workloads import get_workloads
 
 SUITE = "hvp"
@@ -157,19 +157,9 @@ def run_suite(args, env: Dict[str, Any], records: List[Dict[str, Any]], flush=la
                 num_params=sum(p.numel() for p in params),
                 bn_mode=bn_mode if any(isinstance(mod, torch.nn.modules.batchnorm._NormBase) for mod in model.modules()) else None,
                 what=_WHAT[m],
-                step_ms=res["step_ms"],
-                step_ms_min=res["step_ms_min"],
-                step_ms_max=res["step_ms_max"],
-                samples_ms=res["samples_ms"],
-                repeats=len(res["samples_ms"]),
-                warmup_windows=args.warmup,
-                peak_mem_gib=res["peak_mem_gib"],
-                peak_mem_raw_gib=res["peak_mem_raw_gib"],
-                resident_gib=res["resident_gib"],
-                peak_mem_note=None if clock.cuda else "not measured on CPU",
+                **timing_fields(res, clock, args.warmup),
                 ratio_to_grad=ratio(res["step_ms"], grad_ms),
                 ratio_to_adamw=ratio(res["step_ms"], adamw_ms),
-                error=res["error"],
             )
             records.append(rec)
         flush()

@@ -15,7 +15,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from .harness import Clock, Contender, base_record, free_memory, interleaved, log, ratio
+from .harness import Clock, Contender, base_record, free_memory, interleaved, log, ratio, timing_fields
 from .optimizers import get_optimizers, make_driver, missing_package
 from .workloads import get_workloads
 
@@ -68,20 +68,10 @@ def run_suite(args, env: Dict[str, Any], records: List[Dict[str, Any]], flush=la
             res = results[spec.name]
             rec.update(spec.info)
             rec.update(
-                step_ms=res["step_ms"],
-                step_ms_min=res["step_ms_min"],
-                step_ms_max=res["step_ms_max"],
-                samples_ms=res["samples_ms"],
-                repeats=len(res["samples_ms"]),
-                warmup_windows=args.warmup,
-                peak_mem_gib=res["peak_mem_gib"],
-                peak_mem_raw_gib=res["peak_mem_raw_gib"],
-                resident_gib=res["resident_gib"],
-                peak_mem_note=None if clock.cuda else "not measured on CPU",
+                **timing_fields(res, clock, args.warmup),
                 ratio_to_adamw=ratio(res["step_ms"], adamw_ms),
                 mem_ratio_to_adamw=ratio(res["peak_mem_gib"], adamw_mem),
                 last_loss=res["last_loss"],
-                error=res["error"],
             )
             records.append(rec)
         flush()
