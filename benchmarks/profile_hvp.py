@@ -36,14 +36,12 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import gc
 import json
 import math
 import os
 import shlex
 import statistics
 import sys
-import time
 import traceback
 import warnings
 from typing import Any, Callable, Dict, List, Optional
@@ -57,45 +55,23 @@ import torch  # noqa: E402
 import hessopt  # noqa: E402
 from hessopt.hvp import fast_paths  # noqa: E402
 from hessopt.operators import flatten  # noqa: E402
+from benchmarks.harness import GIB, Clock, format_error, free_memory, log  # noqa: E402
 
-GIB = float(2**30)
 TARGETS = {"adahessian_step": 3.0, "adahessian_k10": 1.3, "memory": 1.5, "hvp": 3.0}
-_T0 = time.perf_counter()
 
 
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
+class Device(Clock):
+    """The benchmarks' :class:`~benchmarks.harness.Clock`, built from a device name, with the two
+    conveniences this script uses: ``free()`` and ``allocated()`` as a number (0 on CPU)."""
 
-
-def _error(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text[:400]}{' ...' if len(text) > 400 else ''}"
-
-
-class Device:
     def __init__(self, name: str):
-        self.device = torch.device(name)
-        self.cuda = self.device.type == "cuda"
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
+        super().__init__(torch.device(name))
 
     def free(self) -> None:
-        gc.collect()
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
+        free_memory(self.device)
 
     def allocated(self) -> int:
-        return torch.cuda.memory_allocated(self.device) if self.cuda else 0
-
-    def timed(self, fn: Callable[[], Any]) -> float:
-        self.sync()
-        t0 = time.perf_counter()
-        fn()
-        self.sync()
-        return time.perf_counter() - t0
+        return super().allocated() or 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,7 +205,7 @@ def interleaved(contenders: Dict[str, Dict[str, Any]], dev: Device, repeats: int
             dev.sync()
             runs[name] = run
         except Exception as err:  # a crash is a result
-            results[name]["error"] = _error(err)
+            results[name]["error"] = format_error(err)
             log(f"  {name}: FAILED in set-up/warm-up: {results[name]['error']}")
             traceback.print_exc(limit=3)
     names = list(runs)
@@ -242,7 +218,7 @@ def interleaved(contenders: Dict[str, Dict[str, Any]], dev: Device, repeats: int
                 dt = dev.timed(runs[name])
                 results[name]["samples_ms"].append(1e3 * dt / results[name]["window"])
             except Exception as err:
-                results[name]["error"] = _error(err)
+                results[name]["error"] = format_error(err)
                 runs.pop(name)
                 log(f"  {name}: FAILED: {results[name]['error']}")
     for res in results.values():
@@ -276,7 +252,7 @@ def measure_memory(contenders, names, dev: Device, batch_bytes: int, model_bytes
             footprint = peak - start + batch_bytes + (0 if c["own_model"] else model_bytes)
             out[name] = dict(peak_gib=footprint / GIB, raw_peak_gib=peak / GIB)
         except Exception as err:
-            out[name] = dict(peak_gib=None, error=_error(err))
+            out[name] = dict(peak_gib=None, error=format_error(err))
         finally:
             run = None
             dev.free()
@@ -322,13 +298,13 @@ def check_exactness(wl, model, x, y, params, v, is_gpt: bool) -> Dict[str, Any]:
                     op = hessopt.HessianOperator(model, wl.loss_fn, (x, y), bn_mode="train", cache_graph=False, method=method)
                     out[f"operator_{method}"] = op @ flat
                 except Exception as err:
-                    out[f"operator_{method}"] = _error(err)
+                    out[f"operator_{method}"] = format_error(err)
             a, b = out.pop("operator_forward_over_reverse"), out.pop("operator_reverse")
             out["forward_over_reverse_vs_reverse_operator"] = (
                 rel(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else f"{a} / {b}")
             reset()
     except Exception as err:
-        out["error"] = _error(err)
+        out["error"] = format_error(err)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     return out
@@ -468,7 +444,7 @@ def run_workload(wl, args, dev: Device) -> Dict[str, Any]:
                     rec["profiles"][what]["table_file"] = os.path.basename(path)
                     rec["profiles"][what]["table"] = p["table"]
                 except Exception as err:
-                    rec["profiles"][what] = dict(error=_error(err))
+                    rec["profiles"][what] = dict(error=format_error(err))
             prof_targets.clear()
     del model, params, v, x, y, contenders
     dev.free()
@@ -586,7 +562,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             results["workloads"][wl.name] = run_workload(wl, args, dev)
         except Exception as err:
             traceback.print_exc()
-            results["workloads"][wl.name] = dict(error=_error(err))
+            results["workloads"][wl.name] = dict(error=format_error(err))
         write()  # partial results survive a time limit
     print(summary(results, env))
     log(f"wrote {args.out}/profile_hvp.json and profile_hvp.txt")

@@ -113,6 +113,25 @@ def _build(setting, data) -> nn.Module:
     return build_model(setting["model"], data.num_classes, in_chans=data.in_chans)
 
 
+def _load_data(setting, args):
+    from hessopt.zoo import load_dataset
+
+    log(f"[diagnostics] loading {setting['dataset']}")
+    t0 = time.perf_counter()
+    data = load_dataset(setting["dataset"], data_dir=args.data_dir) if setting["dataset"] == "cifar10" \
+        else load_dataset("digits")
+    log(f"[diagnostics] {data} loaded in {time.perf_counter() - t0:.1f}s")
+    return data
+
+
+def _load_checkpoint(model: nn.Module, ckpt: str, device) -> Dict[str, Any]:
+    """Load the trained weights written by an earlier run; returns the record's training fields."""
+    state = torch.load(ckpt, map_location=device)
+    model.load_state_dict(state["model"] if "model" in state else state)
+    log(f"[diagnostics] loaded checkpoint {ckpt}")
+    return {"checkpoint": ckpt, "epochs": state.get("epochs") if isinstance(state, dict) else None}
+
+
 def _train(model: nn.Module, data, setting, device, seed: int) -> Dict[str, Any]:
     """SGD (Nesterov, momentum 0.9, wd 5e-4), one epoch of linear warm-up then cosine decay."""
     from hessopt.zoo import DeviceLoader
@@ -247,22 +266,13 @@ def run_suite(args, env: Dict[str, Any], records: List[Dict[str, Any]], flush=la
         flush()
         return rec
 
-    from hessopt.zoo import load_dataset
-
-    log(f"[diagnostics] loading {setting['dataset']}")
-    t0 = time.perf_counter()
-    data = load_dataset(setting["dataset"], data_dir=args.data_dir) if setting["dataset"] == "cifar10" \
-        else load_dataset("digits")
-    log(f"[diagnostics] {data} loaded in {time.perf_counter() - t0:.1f}s")
+    data = _load_data(setting, args)
     torch.manual_seed(args.seed)
     model = _build(setting, data).to(device)
     ckpt = args.checkpoint
     train_info: Dict[str, Any]
     if ckpt and os.path.exists(ckpt):
-        state = torch.load(ckpt, map_location=device)
-        model.load_state_dict(state["model"] if "model" in state else state)
-        train_info = {"checkpoint": ckpt, "epochs": state.get("epochs") if isinstance(state, dict) else None}
-        log(f"[diagnostics] loaded checkpoint {ckpt}")
+        train_info = _load_checkpoint(model, ckpt, device)
     else:
         train_info = _train(model, data, setting, device, args.seed)
         path = ckpt or (os.path.join(args.out, "diagnostics_model.pt") if args.save_checkpoint else None)
@@ -392,15 +402,11 @@ def fill_reference(args, env: Dict[str, Any], records: List[Dict[str, Any]], flu
     if setting["model"] != m["model"]:
         raise ValueError(f"--reference-only: the run measured {m['model']}, these arguments build {setting['model']} "
                          "(pass the same --quick setting as the run)")
-    from hessopt.zoo import load_dataset
-
     device = torch.device(args.device)
-    data = load_dataset(setting["dataset"], data_dir=args.data_dir) if setting["dataset"] == "cifar10" \
-        else load_dataset("digits")
+    data = _load_data(setting, args)
     torch.manual_seed(args.seed)
     model = _build(setting, data).to(device)
-    state = torch.load(ckpt, map_location=device)
-    model.load_state_dict(state["model"] if "model" in state else state)
+    _load_checkpoint(model, ckpt, device)
     model.eval()
     x, y, _ = _fixed_batch(data, setting["batch"], device, m.get("batch_indices_seed", args.seed))
     ref = _reference(model, x, y, args, setting, Clock(device))

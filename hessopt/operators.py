@@ -505,21 +505,23 @@ class HessianOperator(CurvatureOperator):
         return broadcast_object(seed, src=0)
 
     def _local_then_reduce(
-        self, local: Callable[[], Tuple[torch.Tensor, float]], zeros: torch.Tensor, v: Optional[torch.Tensor] = None
+        self, accumulate: Callable[[torch.Tensor], float], total: torch.Tensor, v: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, float]:
-        """``local()`` (this rank's weighted sum and sample count), then :meth:`_reduce`.
+        """``accumulate(total)`` (adds this rank's sample-weighted sum into the zeroed ``total`` and
+        returns its sample count), then :meth:`_reduce`.
 
         Distributed, an error in this rank's share is not raised at once: the other ranks would
-        wait forever in the collective. The rank joins the reduction with a failure flag instead,
-        and then every rank raises: the failing ranks their own error, the others a
-        :class:`DistributedOperatorError` that names the failing ranks and quotes their errors."""
+        wait forever in the collective. The rank joins the reduction with a zeroed ``total`` and a
+        failure flag instead, and then every rank raises: the failing ranks their own error, the
+        others a :class:`DistributedOperatorError` that names the failing ranks and quotes them."""
         if not self.is_distributed:
-            return local()
+            return total, accumulate(total)
+        failure: Optional[BaseException] = None
         try:
-            total, count = local()
-            failure: Optional[BaseException] = None
+            count = accumulate(total)
         except Exception as err:  # noqa: BLE001 - re-raised below, after the collective
-            total, count, failure = zeros, 0.0, err
+            total.zero_()  # a partial sum must not reach the other ranks
+            count, failure = 0.0, err
         return self._reduce(total, count, v, failure)
 
     def _reduce(
@@ -656,22 +658,20 @@ class HessianOperator(CurvatureOperator):
             return _hvp_forward_over_reverse(loss_of, self.params, vectors), float(n)
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
-        def local() -> Tuple[torch.Tensor, float]:
-            vectors = unflatten(v, self.shapes)
-            total, count = torch.zeros_like(v), 0.0
+        def accumulate(total: torch.Tensor) -> float:
+            vectors, count = unflatten(v, self.shapes), 0.0
             with self._rng_guard():
                 for hv, n in self._products(vectors):
                     total.add_(flatten(hv), alpha=n)
                     count += n
-            return total, count
+            return count
 
-        total, count = self._local_then_reduce(local, torch.zeros_like(v), v)
+        total, count = self._local_then_reduce(accumulate, torch.zeros_like(v), v)
         return total / count
 
     def gradient(self) -> torch.Tensor:
         """The flat gradient of the (data-set) mean loss at the current parameters."""
-        def local() -> Tuple[torch.Tensor, float]:
-            total = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
+        def accumulate(total: torch.Tensor) -> float:
             count = 0.0
             with self._rng_guard():
                 for batch in self._batches():
@@ -680,22 +680,22 @@ class HessianOperator(CurvatureOperator):
                     total.add_(flatten([torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]),
                                alpha=n)
                     count += n
-            return total, count
+            return count
 
         total, count = self._local_then_reduce(
-            local, torch.zeros(self.num_params, dtype=self.dtype, device=self.device))
+            accumulate, torch.zeros(self.num_params, dtype=self.dtype, device=self.device))
         return total / count
 
     def loss(self) -> float:
         """The (data-set) mean loss at the current parameters, in the operator's mode."""
-        def local() -> Tuple[torch.Tensor, float]:
-            total, count = torch.zeros(1, dtype=torch.float64, device=self.device), 0.0
+        def accumulate(total: torch.Tensor) -> float:
+            count = 0.0
             with torch.no_grad(), self._rng_guard():
                 for batch in self._batches():
                     loss, n = self._forward_loss(batch)
                     total += loss.double() * n
                     count += n
-            return total, count
+            return count
 
-        total, count = self._local_then_reduce(local, torch.zeros(1, dtype=torch.float64, device=self.device))
+        total, count = self._local_then_reduce(accumulate, torch.zeros(1, dtype=torch.float64, device=self.device))
         return float(total.item()) / count
