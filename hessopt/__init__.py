@@ -12,9 +12,10 @@ from .operators import (
     NonFiniteCurvatureError,
 )
 from .estimators import diagonal, trace
-from .results import EigenResult, LanczosResult, SpectralDensity, TraceResult
+from .results import CurvatureSummary, EigenResult, LanczosResult, SpectralDensity, TraceResult
 from .spectrum import lanczos, spectral_density, top_eigenvalues
 from .optim import AdaHessian, GradientCurvature, Hutchinson, SecondOrderGraphError
+from .summary import curvature_summary
 from .monitor import CurvatureMonitor
 
 __version__ = "0.1.0"
@@ -43,11 +44,13 @@ __all__ = [
     "Hutchinson",
     "GradientCurvature",
     "SecondOrderGraphError",
-    # monitor
+    # diagnostics: one summary, the monitor, the report
+    "curvature_summary",
     "CurvatureMonitor",
     # results
     "EigenResult",
     "TraceResult",
     "LanczosResult",
     "SpectralDensity",
+    "CurvatureSummary",
 ]
