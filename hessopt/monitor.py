@@ -17,15 +17,19 @@ the current parameters through :class:`hessopt.HessianOperator`, and records
   loss on the same batch. Ghorbani et al. report that without BatchNorm :math:`c_k` is close to 1
   early in training (the gradient lives in the outlier eigenspace) and with BatchNorm it is not.
 
-Records (``step``, ``top_eigenvalues``, ``trace``, ``trace_std_error``, ``eigenvalue_error_bounds``,
-``eigenvalues_converged``, ``loss``, optionally ``density``, ``gradient_concentration``,
-``gradient_norm``, then ``time_s`` and ``num_matvecs``, plus any extra fields passed to
-:meth:`CurvatureMonitor.step`) are appended to a JSONL file (one JSON object per line) and, when
-TensorBoard is installed, written as scalars.
+Each evaluation is one :func:`hessopt.curvature_summary` of the operator; a record is
+``{"step": step, **summary.to_dict()}`` (``num_params``, ``top_eigenvalues``,
+``eigenvalue_error_bounds``, ``eigenvalues_converged``, ``trace``, ``trace_std_error``, ``loss``,
+optionally ``density`` (nodes, weights, sigma, num_matvecs), ``gradient_norm``,
+``gradient_concentration``, then ``num_matvecs``, ``seed``), plus any extra fields passed to
+:meth:`CurvatureMonitor.step` and ``time_s``: the names of :mod:`hessopt.results`, shared with the
+report. Records are appended to a JSONL file (one JSON object per line) and, when TensorBoard is
+installed, written as scalars.
 
 **Training is not perturbed**: the operator puts the model in eval mode (or BatchNorm-train mode
 with detached running statistics) and restores every module's mode; BatchNorm running statistics
-are never written; all random numbers come from generators seeded by ``(seed, step)`` and the global
+are never written; all random numbers come from seeds derived from ``(seed, step)`` (the seeding
+rule of :func:`hessopt.curvature_summary`, base ``1000003 seed + 7 step``) and the global
 CPU and CUDA RNG states are restored; ``p.grad`` is never written (``torch.autograd.grad`` only). A
 training run with the monitor is bit-identical to one without (tested).
 
@@ -33,8 +37,10 @@ Cost per evaluation, in Hessian-vector products (each about 4-5 gradient computa
 ResNet, FIELD_NOTES.md): ``max_matvecs`` (Lanczos, default ``max(30, 8k)``) + ``trace_matvecs``
 (default 30) + ``density_steps`` if enabled; plus one gradient and one loss evaluation.
 
-Plot helpers (matplotlib, ``pip install hessopt[plot]``): :func:`plot_training`,
-:func:`plot_curvature`, :func:`plot_densities`, :func:`plot_run`.
+Plots of the records (matplotlib, ``pip install hessopt[plot]``) live with the other plots:
+:func:`hessopt.analysis.plots.plot_curvature` (eigenvalues and trace against the step) and
+:func:`hessopt.analysis.plots.plot_densities` (densities of a few records); read a JSONL log
+back with :func:`read_jsonl`.
 
 Example:
     >>> monitor = hessopt.CurvatureMonitor(model, nn.CrossEntropyLoss(), (x_val, y_val), every=100,
@@ -48,28 +54,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .estimators import trace as trace_estimate
 from .operators import HessianOperator
-from .spectrum import spectral_density, top_eigenvalues
+from .summary import curvature_summary, derive_seed
 
-__all__ = [
-    "CurvatureMonitor",
-    "read_jsonl",
-    "plot_training",
-    "plot_curvature",
-    "plot_densities",
-    "plot_run",
-]
+__all__ = ["CurvatureMonitor", "read_jsonl"]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -121,8 +117,9 @@ class CurvatureMonitor:
         bn_mode: ``"eval"`` (running statistics) or ``"train"`` (batch statistics; the running
             statistics are still left untouched), as in :class:`hessopt.HessianOperator`.
         params: which parameters (as in :class:`hessopt.HessianOperator`; default all trainable).
-        seed: base seed; evaluation at step ``s`` uses generators seeded from ``(seed, s)``, so a
-            record does not depend on which other steps were evaluated, nor on the global RNG.
+        seed: base seed; evaluation at step ``s`` uses the summary seed ``1000003 seed + 7 s``
+            (:func:`hessopt.curvature_summary`), so a record does not depend on which other steps
+            were evaluated, nor on the global RNG.
         log_path: JSONL file to append records to (``None``: keep them in :attr:`records` only).
         tensorboard: ``None`` (default): write scalars when the ``tensorboard`` package is installed
             and a directory is known (``tensorboard_dir``, or ``<folder of log_path>/tensorboard``);
@@ -223,57 +220,17 @@ class CurvatureMonitor:
 
     # -- evaluation --------------------------------------------------------------------------------
 
-    def _generator(self, step: int, stream: int) -> torch.Generator:
-        device = None
-        for p in self.model.parameters():
-            device = p.device
-            break
-        gen = torch.Generator(device=device if device is not None else "cpu")
-        # fixed, distinct streams per (seed, step, estimator); 2**61 - 1 is prime
-        return gen.manual_seed((self.seed * 1_000_003 + step * 7 + stream) % (2**61 - 1))
+    def _seed(self, step: int) -> int:
+        # distinct base seeds per (seed, step); curvature_summary derives eigenvalues s, trace s+1,
+        # density s+2 from it (the streams of the monitor's records since 0.1.0)
+        return derive_seed(self.seed * 1_000_003, step * 7)
 
     def _evaluate(self, op: HessianOperator, step: int) -> Dict[str, Any]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # non-convergence is recorded instead
-            eig = top_eigenvalues(op, k=min(self.k, op.num_params), tol=self.tol,
-                                  max_matvecs=min(self.max_matvecs, op.num_params),
-                                  generator=self._generator(step, 0))
-        tr = trace_estimate(op, num_matvecs=self.trace_matvecs, method="hutch++", generator=self._generator(step, 1))
-        record: Dict[str, Any] = {
-            "step": step,
-            "top_eigenvalues": [float(v) for v in eig.eigenvalues],
-            "eigenvalue_error_bounds": [float(v) for v in eig.error_bounds],
-            "eigenvalues_converged": bool(eig.converged),
-            "trace": float(tr.estimate),
-            "trace_std_error": float(tr.std_error),
-            "loss": op.loss(),
-        }
-        if record["trace"] == 0.0 and all(v == 0.0 for v in record["top_eigenvalues"]):
-            warnings.warn(
-                f"CurvatureMonitor at step {step}: every Hessian-vector product was exactly zero. The loss may "
-                "not depend on the selected parameters, or a gradient hook detaches the gradients that "
-                "torch.autograd.grad returns (the HVP needs their graph)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        matvecs = eig.num_matvecs + tr.num_matvecs
-        if self.density:
-            d = spectral_density(op, num_runs=1, num_steps=self.density_steps, generator=self._generator(step, 2))
-            record["density"] = {
-                "nodes": [t.tolist() for t in d.nodes],
-                "weights": [w.tolist() for w in d.weights],
-                "sigma": d.sigma,
-                "num_params": op.num_params,
-            }
-            matvecs += d.num_matvecs
-        if self.gradient_concentration:
-            g = op.gradient().double()
-            V = eig.eigenvectors.double()
-            g_norm_sq = float(g @ g)
-            record["gradient_norm"] = math.sqrt(g_norm_sq)
-            record["gradient_concentration"] = float((V.T @ g).pow(2).sum()) / g_norm_sq if g_norm_sq > 0 else float("nan")
-        record["num_matvecs"] = matvecs
-        return record
+        summary = curvature_summary(
+            op, k=self.k, tol=self.tol, max_matvecs=self.max_matvecs, trace_matvecs=self.trace_matvecs,
+            density=self.density, density_steps=self.density_steps, density_runs=1,
+            gradient_concentration=self.gradient_concentration, generator=self._seed(step))
+        return {"step": step, **summary.to_dict()}
 
     # -- output ------------------------------------------------------------------------------------
 
@@ -311,103 +268,10 @@ class CurvatureMonitor:
 
 
 # --------------------------------------------------------------------------------------------------
-# reading and plotting
+# reading (plots of records: hessopt.analysis.plots.plot_curvature / plot_densities)
 
 
 def read_jsonl(path: Union[str, os.PathLike]) -> List[Dict[str, Any]]:
     """The JSON objects of a JSONL file, one per non-empty line."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def _figure(ncols: int, width: float = 5.0, height: float = 3.6):
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as err:
-        raise ImportError("plots need matplotlib: pip install hessopt[plot]") from err
-    fig = Figure(figsize=(width * ncols, height), layout="constrained")
-    axes = fig.subplots(1, ncols, squeeze=False)[0]
-    return fig, axes
-
-
-def plot_training(records: Sequence[Dict[str, Any]], path: Union[str, os.PathLike]) -> Path:
-    """Loss (train and validation) and validation accuracy per epoch, from epoch records."""
-    epochs = [r for r in records if "epoch" in r]
-    fig, (ax_loss, ax_acc) = _figure(2)
-    x = [r["epoch"] for r in epochs]
-    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
-        if any(key in r for r in epochs):
-            ax_loss.plot(x, [r.get(key, float("nan")) for r in epochs], marker="o", ms=3, label=label)
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_loss.legend()
-    for key, label in (("train_acc", "train"), ("val_acc", "validation")):
-        if any(key in r for r in epochs):
-            ax_acc.plot(x, [100 * r.get(key, float("nan")) for r in epochs], marker="o", ms=3, label=label)
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    ax_acc.legend()
-    fig.savefig(path, dpi=120)
-    return Path(path)
-
-
-def plot_curvature(records: Sequence[Dict[str, Any]], path: Union[str, os.PathLike]) -> Path:
-    """Top eigenvalues and trace (with standard-error bars) against the training step."""
-    fig, (ax_eig, ax_tr) = _figure(2)
-    steps = [r["step"] for r in records]
-    k = max((len(r["top_eigenvalues"]) for r in records), default=0)
-    for i in range(k):
-        ax_eig.plot(steps, [r["top_eigenvalues"][i] if i < len(r["top_eigenvalues"]) else float("nan") for r in records],
-                    marker="o", ms=3, label=f"$\\lambda_{{{i + 1}}}$")
-    ax_eig.set(xlabel="step", ylabel="eigenvalue", title="top Hessian eigenvalues")
-    if k:
-        ax_eig.legend(fontsize="small")
-    ax_tr.errorbar(steps, [r["trace"] for r in records], yerr=[r["trace_std_error"] for r in records],
-                   marker="o", ms=3, capsize=2)
-    ax_tr.set(xlabel="step", ylabel="trace", title="Hessian trace (Hutch++ +- s.e.)")
-    fig.savefig(path, dpi=120)
-    return Path(path)
-
-
-def _smoothed_density(density: Dict[str, Any], grid_size: int = 600):
-    nodes = torch.tensor([t for run in density["nodes"] for t in run], dtype=torch.float64)
-    weights = torch.tensor([w for run in density["weights"] for w in run], dtype=torch.float64) / len(density["nodes"])
-    sigma = float(density["sigma"])
-    grid = torch.linspace(float(nodes.min()) - 6 * sigma, float(nodes.max()) + 6 * sigma, grid_size, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * ((grid[:, None] - nodes[None, :]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
-    return grid, kernel @ weights
-
-
-def plot_densities(records: Sequence[Dict[str, Any]], path: Union[str, os.PathLike], max_curves: int = 6) -> Optional[Path]:
-    """Smoothed spectral densities on a log scale, for up to ``max_curves`` evenly spaced records."""
-    with_density = [r for r in records if r.get("density")]
-    if not with_density:
-        return None
-    pick = sorted({round(i * (len(with_density) - 1) / max(max_curves - 1, 1)) for i in range(max_curves)})
-    fig, (ax,) = _figure(1, width=6.0)
-    for i in pick:
-        r = with_density[i]
-        grid, dens = _smoothed_density(r["density"])
-        ax.semilogy(grid.numpy(), dens.clamp_min(1e-12).numpy(), label=f"step {r['step']}")
-    ax.set(xlabel="eigenvalue", ylabel="density (log scale)", title="Hessian spectral density (SLQ)")
-    ax.set_ylim(bottom=1e-8)
-    ax.legend(fontsize="small")
-    fig.savefig(path, dpi=120)
-    return Path(path)
-
-
-def plot_run(output_dir: Union[str, os.PathLike], metrics_file: str = "metrics.jsonl",
-             curvature_file: str = "curvature.jsonl") -> List[Path]:
-    """Write ``training.png``, ``curvature.png`` and ``density.png`` (where there is data) into ``output_dir``."""
-    out = Path(output_dir)
-    written: List[Path] = []
-    if (out / metrics_file).exists():
-        metrics = [r for r in read_jsonl(out / metrics_file) if "epoch" in r]
-        if metrics:
-            written.append(plot_training(metrics, out / "training.png"))
-    if (out / curvature_file).exists():
-        curvature = read_jsonl(out / curvature_file)
-        if curvature:
-            written.append(plot_curvature(curvature, out / "curvature.png"))
-            density = plot_densities(curvature, out / "density.png")
-            if density is not None:
-                written.append(density)
-    return written

@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call
 
 import hessopt
-from hessopt.monitor import CurvatureMonitor, plot_run, read_jsonl
+from hessopt.monitor import CurvatureMonitor, read_jsonl
 
 
 
@@ -58,9 +58,10 @@ def test_records_match_the_dense_hessian():
     for t in nodes[weights > 1e-8]:
         assert float((evals - t).abs().min()) < 1e-8
     assert r["loss"] == pytest.approx(float(nn.functional.cross_entropy(model(x), y).detach()), rel=1e-12)
-    for key in ("step", "top_eigenvalues", "trace", "trace_std_error", "density", "gradient_concentration",
-                "time_s", "num_matvecs"):
-        assert key in r
+    assert list(r) == ["step", "num_params", "top_eigenvalues", "eigenvalue_error_bounds", "eigenvalues_converged",
+                       "trace", "trace_std_error", "loss", "density", "gradient_norm", "gradient_concentration",
+                       "num_matvecs", "seed", "time_s"]  # the shared names of hessopt.results
+    assert set(r["density"]) == {"nodes", "weights", "sigma", "num_matvecs"}
     assert 30 + 23 + k <= r["num_matvecs"] <= 23 + 30 + 23  # Lanczos may stop early on convergence
 
 
@@ -173,6 +174,7 @@ def test_monitor_argument_errors():
 
 def test_plots_from_a_run_directory(tmp_path):
     pytest.importorskip("matplotlib")
+    from recipes.common.plotting import plot_run  # the recipes' metrics plot lives beside the recipes
     model, x, y = _tiny_problem()
     mon = CurvatureMonitor(model, nn.CrossEntropyLoss(), (x, y), every=1, k=2, max_matvecs=6, density=True,
                            density_steps=8, log_path=tmp_path / "curvature.jsonl", tensorboard=False)
@@ -194,3 +196,57 @@ def test_all_zero_products_are_flagged():
         mon.compute(0)
     for h in handles:
         h.remove()
+
+
+# A record of 0.1.0's monitor (before it was built on curvature_summary), for this problem and options.
+_RECORD_0_1_0 = {
+    "step": 4, "top_eigenvalues": [0.5922140373252631, 0.39975974574603335],
+    "eigenvalue_error_bounds": [0.0758135676847243, 0.1469181366236973], "eigenvalues_converged": False,
+    "trace": 1.9812792175133802, "trace_std_error": 1.15699042724639, "loss": 0.7664771246475445,
+    "density": {"nodes": [[-0.7032021871037223, -0.15966843085365384, 0.022812001524232167, 0.5532763183072663,
+                           0.706491297727251]],
+                "weights": [[0.0014462359003535033, 0.07777770653848716, 0.715584115254982, 0.1644514778068281,
+                             0.04074046449934918]],
+                "sigma": 0.014096934848309735},
+    "gradient_norm": 0.3629975097331908, "gradient_concentration": 0.406150225404792, "num_matvecs": 20,
+}
+
+
+def _old_record_problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    y = torch.randint(0, 2, (8,))
+    mon = CurvatureMonitor(model, nn.CrossEntropyLoss(), (x, y), every=1, k=2, max_matvecs=6, trace_matvecs=9,
+                           density=True, density_steps=5, seed=3, tensorboard=False)
+    return model, x, y, mon
+
+
+def test_records_keep_their_content_and_seeds():
+    model, x, y, mon = _old_record_problem()
+    r = mon.compute(4)
+    # the same seeds as before: eigenvalues s, trace s + 1, density s + 2 with s = 1000003 seed + 7 step
+    s = 3 * 1_000_003 + 7 * 4
+    assert r["seed"] == s
+    op = hessopt.HessianOperator(model, nn.CrossEntropyLoss(), (x, y))
+    with pytest.warns(RuntimeWarning):
+        eig = hessopt.top_eigenvalues(op, k=2, tol=1e-3, max_matvecs=6, generator=torch.Generator().manual_seed(s))
+    tr = hessopt.trace(op, num_matvecs=9, generator=torch.Generator().manual_seed(s + 1))
+    dens = hessopt.spectral_density(op, num_steps=5, generator=torch.Generator().manual_seed(s + 2))
+    assert r["top_eigenvalues"] == eig.eigenvalues.tolist() and r["trace"] == tr.estimate
+    assert r["density"]["nodes"] == [dens.nodes[0].tolist()] and r["density"]["weights"] == [dens.weights[0].tolist()]
+    # and the numbers of 0.1.0's records (to rounding: the Lanczos kernel may reorder a sum)
+    for key, old in _RECORD_0_1_0.items():
+        new = r[key]
+        if key == "density":
+            assert set(new) == {"nodes", "weights", "sigma", "num_matvecs"}
+            for field in ("nodes", "weights"):
+                assert new[field][0] == pytest.approx(old[field][0], rel=1e-12, abs=1e-14), field
+            assert new["sigma"] == pytest.approx(old["sigma"], rel=1e-12)
+        elif isinstance(old, list):
+            assert new == pytest.approx(old, rel=1e-12), key
+        elif isinstance(old, float):
+            assert new == pytest.approx(old, rel=1e-12), key
+        else:
+            assert new == old, key
+    assert r["num_params"] == 23  # was density.num_params; now beside the other quantities

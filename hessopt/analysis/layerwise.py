@@ -23,50 +23,56 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..estimators import trace as trace_estimate
 from ..operators import HessianOperator
 from ..probes import GeneratorLike
-from ..results import SpectralDensity
-from ..spectrum import spectral_density, top_eigenvalues
-from ._common import plain_dict
+from ..results import SpectralDensity, _ToDict, _compact
+from ..summary import curvature_summary, derive_seed, summary_seed
 
 __all__ = ["LayerSpectrum", "LayerwiseSpectrum", "layerwise", "resolve_blocks"]
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerSpectrum:
-    """Spectrum of one parameter block's Hessian.
+class LayerSpectrum(_ToDict):
+    """Spectrum of one parameter block's Hessian: a :class:`hessopt.CurvatureSummary` of the block.
+
+    The quantities carry the names of :class:`hessopt.CurvatureSummary` (see :mod:`hessopt.results`).
 
     Attributes:
         name: the block's label (a module name by default).
         param_names: the parameters in the block.
         shapes: their shapes (for reshaping eigenvectors, see :mod:`hessopt.analysis.lowrank`).
         num_params: the block's dimension.
-        eigenvalues: ``(k,)`` float64, descending (largest algebraic).
+        top_eigenvalues: ``(k,)`` float64, descending (largest algebraic).
         eigenvectors: ``(num_params, k)`` or ``None`` (not kept; never written by ``to_dict``).
-        eigen_converged: whether Lanczos reached its tolerance.
+        eigenvalue_error_bounds: ``(k,)`` float64 a-posteriori error bounds.
+        eigenvalues_converged: whether Lanczos reached its tolerance.
         trace: trace estimate (``nan`` when not computed).
         trace_std_error: its standard error (0 when exact).
         density: spectral density (SLQ) of the block, or ``None``.
         num_matvecs: block Hessian-vector products spent on this block.
+        seed: the block's summary seed.
     """
 
     name: str
     param_names: Tuple[str, ...]
     shapes: Tuple[Tuple[int, ...], ...]
     num_params: int
-    eigenvalues: torch.Tensor
+    top_eigenvalues: torch.Tensor
     eigenvectors: Optional[torch.Tensor] = dataclasses.field(repr=False)
-    eigen_converged: bool
+    eigenvalue_error_bounds: torch.Tensor
+    eigenvalues_converged: bool
     trace: float
     trace_std_error: float
     density: Optional[SpectralDensity] = dataclasses.field(repr=False)
     num_matvecs: int
+    seed: int
 
     _skip_in_dict = ("eigenvectors",)
+    _omit_if_none = ("density",)
 
     def to_dict(self) -> Dict[str, Any]:
-        return plain_dict(self)
+        """Plain values (:func:`hessopt.results.to_plain`); the density without its smoothed curve."""
+        return _compact(super().to_dict(), self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +110,7 @@ class LayerwiseSpectrum:
         """A markdown table: block, size, top eigenvalues, trace +- standard error."""
         lines = ["| block | params | top eigenvalues | trace |", "|---|---:|---|---:|"]
         for l in self.layers:
-            eigs = ", ".join(f"{v:.4g}" for v in l.eigenvalues.tolist())
+            eigs = ", ".join(f"{v:.4g}" for v in l.top_eigenvalues.tolist())
             tr = "n/a" if l.trace != l.trace else f"{l.trace:.4g} ± {l.trace_std_error:.2g}"
             lines.append(f"| `{l.name}` | {l.num_params} | {eigs} | {tr} |")
         return "\n".join(lines)
@@ -189,13 +195,6 @@ def resolve_blocks(model: nn.Module, blocks: Any = None) -> List[Tuple[str, List
     return out
 
 
-def _block_seed(generator: GeneratorLike, i: int) -> GeneratorLike:
-    # An int seed gives every block its own stream (results do not depend on which blocks are asked).
-    if isinstance(generator, int) and not isinstance(generator, bool):
-        return generator + 1000003 * i
-    return generator
-
-
 def layerwise(
     model: nn.Module,
     loss_fn: Callable[[Any, Any], torch.Tensor],
@@ -211,13 +210,14 @@ def layerwise(
     max_matvecs: Optional[int] = None,
     bn_mode: str = "eval",
     keep_eigenvectors: bool = True,
-    generator: GeneratorLike = 0,
+    generator: GeneratorLike = None,
     progress: bool = False,
+    loss_form: str = "outputs",
 ) -> LayerwiseSpectrum:
     """Top eigenvalues, trace (with standard error) and optionally the density of each block's Hessian.
 
     Args:
-        model, loss_fn, data, bn_mode: as for :class:`hessopt.HessianOperator`.
+        model, loss_fn, data, bn_mode, loss_form: as for :class:`hessopt.HessianOperator`.
         blocks: the parameter blocks, see :func:`resolve_blocks` (default: one per module).
         k: top eigenvalues per block (capped at the block's dimension).
         trace_matvecs: budget of the trace estimate per block (0: skip the trace). With Hutch++ and
@@ -227,7 +227,9 @@ def layerwise(
         density_steps, density_runs: Lanczos steps and runs of the density.
         tol, max_matvecs: passed to :func:`hessopt.top_eigenvalues`.
         keep_eigenvectors: keep the ``(n, k)`` eigenvectors in the table (for overlaps and rank).
-        generator: int seed (each block gets its own derived seed), generator, or ``None``.
+        generator: int seed, :class:`torch.Generator` or ``None``, turned into one seed ``s`` by
+            the rule of :func:`hessopt.curvature_summary`; block ``i`` is summarized with the seed
+            ``s + 1000003 i``, so a block's numbers do not depend on which other blocks are asked.
         progress: a tqdm bar over blocks.
 
     Returns:
@@ -245,40 +247,35 @@ def layerwise(
     params = dict(model.named_parameters())
     from tqdm.auto import tqdm
 
+    base = summary_seed(generator)
     rows = []
     for i, (label, names) in enumerate(tqdm(spec, desc="layer-wise Hessian", disable=not progress, leave=False)):
-        op = HessianOperator(model, loss_fn, data, params=[params[n] for n in names], bn_mode=bn_mode)
-        seed = _block_seed(generator, i)
-        kk = min(k, op.num_params)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", RuntimeWarning)
-            eig = top_eigenvalues(op, k=kk, tol=tol, max_matvecs=max_matvecs, generator=seed)
-        for w in caught:  # re-issue with the block's name: a bare "did not converge" is not actionable
-            warnings.warn(f"block {label!r}: {w.message}", w.category, stacklevel=2)
-        matvecs = eig.num_matvecs
-        tr, tr_err = float("nan"), float("nan")
-        if trace_matvecs:
-            t = trace_estimate(op, num_matvecs=trace_matvecs, method=trace_method, generator=seed)
-            tr, tr_err, matvecs = t.estimate, t.std_error, matvecs + t.num_matvecs
-            if trace_method == "hutch++" and op.num_params <= trace_matvecs // 3:
-                tr_err = 0.0  # the sketch spans the whole block: the trace is exact
-        dens = None
-        if density:
-            dens = spectral_density(op, num_runs=density_runs, num_steps=density_steps, generator=seed)
-            matvecs += dens.num_matvecs
+        op = HessianOperator(model, loss_fn, data, params=[params[n] for n in names], bn_mode=bn_mode,
+                             **({} if loss_form == "outputs" else {"loss_form": loss_form}))
+        s = curvature_summary(op, k=k, tol=tol, max_matvecs=max_matvecs, trace_matvecs=trace_matvecs,
+                              trace_method=trace_method, density=density, density_steps=density_steps,
+                              density_runs=density_runs, gradient_concentration=False, loss=False,
+                              generator=derive_seed(base, 1_000_003 * i))
+        if not s.eigenvalues_converged:  # named by block: a bare "did not converge" is not actionable
+            warnings.warn(
+                f"block {label!r}: the top eigenvalues did not reach tol={tol} within the Lanczos budget "
+                f"(largest error bound {float(s.eigenvalue_error_bounds.max()):.3g}); raise max_matvecs or tol",
+                RuntimeWarning, stacklevel=2)
         rows.append(
             LayerSpectrum(
                 name=label,
                 param_names=tuple(names),
-                shapes=tuple(tuple(s) for s in op.shapes),
+                shapes=tuple(tuple(sh) for sh in op.shapes),
                 num_params=op.num_params,
-                eigenvalues=eig.eigenvalues,
-                eigenvectors=eig.eigenvectors.detach() if keep_eigenvectors else None,
-                eigen_converged=eig.converged,
-                trace=tr,
-                trace_std_error=tr_err,
-                density=dens,
-                num_matvecs=matvecs,
+                top_eigenvalues=s.top_eigenvalues,
+                eigenvectors=s.eigenvectors if keep_eigenvectors else None,
+                eigenvalue_error_bounds=s.eigenvalue_error_bounds,
+                eigenvalues_converged=s.eigenvalues_converged,
+                trace=s.trace,
+                trace_std_error=s.trace_std_error,
+                density=s.density,
+                num_matvecs=s.num_matvecs,
+                seed=s.seed,
             )
         )
         op.clear_cache()
