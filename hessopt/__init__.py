@@ -17,6 +17,7 @@ from .spectrum import lanczos, spectral_density, top_eigenvalues
 from .optim import AdaHessian, GradientCurvature, Hutchinson, SecondOrderGraphError
 from .summary import curvature_summary
 from .monitor import CurvatureMonitor
+from .report import Report, report
 
 __version__ = "0.1.0"
 
@@ -47,6 +48,8 @@ __all__ = [
     # diagnostics: one summary, the monitor, the report
     "curvature_summary",
     "CurvatureMonitor",
+    "report",
+    "Report",
     # results
     "EigenResult",
     "TraceResult",
