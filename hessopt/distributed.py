@@ -9,6 +9,10 @@ the optimizer, HVPs in :class:`hessopt.HessianOperator`) are summed or averaged 
   ``DistributedDataParallel`` (DDP): gradient hooks that keep the graph-carrying local gradient
   for the Hessian-vector product and hand DDP a plain one, the all-reduce of ``z * Hz``, and a
   one-time check that all ranks run the same optimizer on the same parameters.
+* :class:`OperatorSync` is the operators' protocol (sample-weighted sums over ranks, failures
+  raised on every rank, the check that all ranks multiplied the same vector).
+* :func:`ranks_disagree_on` / :func:`agreement_stats` are the one rank-agreement check (float64
+  checksums summed over ranks): the operators' vectors use it inside their reduction.
 * :func:`all_reduce_sum` packs a list of tensors into one buffer per (dtype, device) and sums it
   over ranks with a single collective; :func:`broadcast_object` is rank 0's Python object on
   every rank (the estimators' probe seeds).
@@ -28,6 +32,11 @@ __all__ = [
     "all_reduce_sum",
     "broadcast_object",
     "unwrap_data_parallel",
+    "agreement_stats",
+    "disagreeing",
+    "ranks_disagree_on",
+    "OperatorSync",
+    "DistributedOperatorError",
     "OptimizerSync",
 ]
 
@@ -102,6 +111,182 @@ def unwrap_data_parallel(model: torch.nn.Module) -> torch.nn.Module:
     while isinstance(model, (DistributedDataParallel, DataParallel)):
         model = model.module
     return model
+
+
+# --------------------------------------------------------------------------------------------------
+# The one rank-agreement check: do all ranks hold the same tensors?
+# --------------------------------------------------------------------------------------------------
+
+#: entries per tensor in :func:`agreement_stats`
+_STATS_PER_TENSOR = 5
+
+
+def agreement_stats(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Float64 checksums of each tensor, to be *summed* over ranks and read by :func:`disagreeing`.
+
+    Per tensor: its sum and a ramp-weighted sum (so that a permutation or a sign flip of entries is
+    seen), their squares, and its l1 norm (the scale of the tolerance). Summed over ranks, a sum and
+    its square give the checksum's spread across ranks, so one ``all_reduce`` (which can carry other
+    numbers in the same buffer) tells every rank whether the ranks agree: no object gather, and every
+    rank reaches the same verdict, so all raise together and none is left waiting in a collective.
+    """
+    rows = []
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        if not flat.is_floating_point():
+            flat = flat.double()
+        ramp = torch.linspace(1.0, 2.0, flat.numel(), dtype=flat.dtype, device=flat.device)
+        sums = torch.stack([flat.sum(dtype=torch.float64), (flat * ramp).sum(dtype=torch.float64)])
+        scale = torch.linalg.vector_norm(flat, 1, dtype=torch.float64).reshape(1)
+        rows.append(torch.cat([sums, sums * sums, scale]))
+    if not rows:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.cat(rows)
+
+
+def disagreeing(reduced: Sequence[float], world: int) -> List[int]:
+    """Indices of the tensors whose :func:`agreement_stats`, summed over ``world`` ranks, differ.
+
+    Identical tensors leave a spread of rounding size (about 1e-8 of a checksum, from cancellation
+    in ``E[s^2] - E[s]^2``); tensors that differ by less than about 1e-6 of a checksum pass
+    (summation-order differences between unlike machines).
+    """
+    values = list(reduced)
+    out = []
+    for index in range(len(values) // _STATS_PER_TENSOR):
+        s = values[index * _STATS_PER_TENSOR : (index + 1) * _STATS_PER_TENSOR]
+        scale = s[4] / world
+        for total_sum, total_sq in ((s[0], s[2]), (s[1], s[3])):
+            mean = total_sum / world
+            spread = max(total_sq / world - mean * mean, 0.0) ** 0.5
+            if spread > 1e-6 * abs(mean) + 1e-9 * scale:
+                out.append(index)
+                break
+    return out
+
+
+def ranks_disagree_on(tensors: Sequence[torch.Tensor], group: Any = None) -> List[int]:
+    """Indices of ``tensors`` that are not the same on every rank of ``group`` (one ``all_reduce``).
+
+    The same answer on every rank (so that all of them can raise together). ``[]`` without a
+    process group of more than one process.
+    """
+    world = world_size(group)
+    if world == 1 or not tensors:
+        return []
+    stats = agreement_stats(tensors).to(tensors[0].device)
+    (reduced,) = all_reduce_sum([stats], group)
+    return disagreeing(reduced.tolist(), world)
+
+
+# --------------------------------------------------------------------------------------------------
+# The operators' protocol: sample-weighted sums over ranks, failures raised on every rank
+# --------------------------------------------------------------------------------------------------
+
+
+class DistributedOperatorError(RuntimeError):
+    """Another rank failed while computing its share of a distributed operator's product."""
+
+
+class OperatorSync:
+    """How a model-based operator (:class:`hessopt.HessianOperator`, :class:`hessopt.GGNOperator`,
+    :class:`hessopt.EmpiricalFisherOperator`) averages over the ranks of ``torch.distributed``.
+
+    Each rank computes the sample-weighted sum of its batches' products (or gradients, or losses)
+    and its number of samples; one ``all_reduce`` per dtype sums both, and the operator divides:
+    the full-data average, whatever the shard sizes (an empty shard weighs 0). The float64 buffer
+    that carries the count also carries a failure flag and, for products, the checksums of the
+    vector (:func:`agreement_stats`), so every rank learns in the same collective whether some rank
+    failed or multiplied another vector, and all of them raise together.
+
+    ``enabled``: ``None`` (active when a process group of more than one process is initialized),
+    ``True`` (required: raises without a process group), ``False`` (this process's data only).
+    """
+
+    def __init__(self, enabled: Optional[bool], name: str = "operator"):
+        if enabled is not None and not isinstance(enabled, bool):
+            raise TypeError(f"distributed must be None, True or False, got {enabled!r}")
+        self.enabled = enabled
+        self.name = name
+
+    @property
+    def active(self) -> bool:
+        initialized = is_initialized()
+        if self.enabled is None:
+            return initialized and torch.distributed.get_world_size() > 1
+        if self.enabled and not initialized:
+            raise ValueError(
+                "distributed=True but no torch.distributed process group is initialized: call "
+                "torch.distributed.init_process_group first (or launch with torchrun)"
+            )
+        return bool(self.enabled)
+
+    def broadcast_seed(self, seed: int) -> int:
+        """Rank 0's seed on every rank, so that all ranks draw the same random probes."""
+        return broadcast_object(seed, src=0) if self.active else seed
+
+    def local_then_reduce(self, accumulate, total: torch.Tensor, v: Optional[torch.Tensor] = None):
+        """``accumulate(total)`` (adds this rank's sample-weighted sum into the zeroed ``total`` and
+        returns its sample count), then :meth:`reduce`; returns ``(total, count)``.
+
+        Distributed, an error in this rank's share is not raised at once: the other ranks would
+        wait forever in the collective. The rank joins the reduction with a zeroed ``total`` and a
+        failure flag instead, and then every rank raises: the failing ranks their own error, the
+        others a :class:`DistributedOperatorError` that names the failing ranks and quotes them."""
+        if not self.active:
+            return total, accumulate(total)
+        failure: Optional[BaseException] = None
+        try:
+            count = accumulate(total)
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the collective
+            total.zero_()  # a partial sum must not reach the other ranks
+            count, failure = 0.0, err
+        return self.reduce(total, count, v, failure)
+
+    def reduce(self, total: torch.Tensor, count: float, v: Optional[torch.Tensor] = None,
+               failure: Optional[BaseException] = None):
+        """Sum ``total`` and ``count`` over ranks (one collective per dtype); see the class docstring.
+        A sample count of zero over all ranks (every shard empty) raises on every rank."""
+        if not self.active:
+            return total, count
+        import torch.distributed as dist
+
+        head = torch.tensor([float(count), float(failure is not None)], dtype=torch.float64, device=total.device)
+        stats = [head] if v is None else [head, agreement_stats([v]).to(total.device)]
+        total, reduced = all_reduce_sum([total, torch.cat(stats)])
+        values = reduced.tolist()
+        if values[1] > 0:
+            self._raise_rank_failures(failure)
+        if values[0] == 0:
+            raise ValueError(
+                "data is empty on every rank: pass at least one (inputs, targets) batch on some rank"
+            )
+        if v is not None and disagreeing(values[2:], dist.get_world_size()):
+            raise ValueError(
+                f"the ranks multiplied this distributed {self.name} by different vectors; "
+                "its product sums the ranks' products, so every rank must pass the same vector. "
+                "Use generator=None or an int seed in the estimators (rank 0's seed is "
+                "broadcast), seed an explicit torch.Generator alike on every rank, pass "
+                "identical probes=, or use distributed=False for a per-rank operator"
+            )
+        return total, values[0]
+
+    def _raise_rank_failures(self, failure: Optional[BaseException]) -> None:
+        """Every rank raises after a failure anywhere: the failing ranks their own error, the others a
+        :class:`DistributedOperatorError` quoting them (gathered once, on this rare path only)."""
+        import torch.distributed as dist
+
+        mine = None if failure is None else f"{type(failure).__name__}: {failure}"
+        reports: List[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(reports, mine)
+        if failure is not None:
+            raise failure
+        failed = {rank: text for rank, text in enumerate(reports) if text is not None}
+        raise DistributedOperatorError(
+            f"rank(s) {sorted(failed)} failed while computing their share of this distributed "
+            f"{self.name}'s product, so this rank stops too (no rank is left waiting): "
+            + "; ".join(f"rank {r}: {text}" for r, text in failed.items())
+        )
 
 
 _SEEDS_DIFFER = (

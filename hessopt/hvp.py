@@ -17,7 +17,10 @@ aten::_scaled_dot_product_flash_attention..._backward is not implemented".
 :func:`second_order_safe` fixes that without changes to user code: inside it, scaled-dot-product
 attention keeps its fused forward kernel, and only a backward that builds a graph (the
 ``create_graph=True`` one) recomputes attention with PyTorch's composite "math" formulation, whose
-derivative is twice differentiable (:mod:`hessopt._attention`).
+derivative is twice differentiable (:mod:`hessopt._attention`). Weight normalization
+(``torch.nn.utils.parametrizations.weight_norm``) is routed the same way, always: PyTorch's fused
+``torch._weight_norm`` has a wrong double backward on CPU (asymmetric Hessians), so inside the block
+it is computed as the written-out ``v * g / ||v||`` (:mod:`hessopt._weight_norm`).
 
 The same block also routes the layers whose double backward PyTorch computes slowly to fast paths
 that give exactly PyTorch's derivatives (float64 tests against the plain path in
@@ -43,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from . import _attention, _batchnorm, _conv, _relu
+from . import _attention, _batchnorm, _conv, _relu, _weight_norm
 
 __all__ = ["hvp", "hvp_from_grads", "second_order_safe", "gradients_with_graph", "as_param_list"]
 
@@ -236,13 +239,11 @@ def _hvp_forward_over_reverse(
     ``batch_norm`` and ``layer_norm``, while a single jvp of the gradient agrees with the double
     backward (tests/test_fast_paths.py).
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     params = list(params)
     vectors = _check_vectors(vectors, params)
     primals = tuple(p.detach() for p in params)
     gradient = torch.func.grad(lambda *ps: loss_of(list(ps)).reshape(()), argnums=tuple(range(len(primals))))
-    with sdpa_kernel([SDPBackend.MATH]), _explain_compile_errors():
+    with forward_mode_safe(), _explain_compile_errors():
         _, hv = torch.func.jvp(gradient, primals, tuple(v.detach() for v in vectors))
     return list(hv)
 
@@ -293,6 +294,8 @@ def _routed(path: str, fast: Callable, original: Callable) -> Callable:
 # func -> (fast-path name or None for always, replacement): what the TorchFunctionMode routes
 _ROUTES = {
     _attention.ORIGINAL_SDPA: (None, _attention.sdpa_twice_differentiable),
+    # a correctness route, not a fast path: torch's fused weight norm has a wrong double backward
+    _weight_norm.ORIGINAL_WEIGHT_NORM: (None, _weight_norm.weight_norm),
     _batchnorm.ORIGINAL_F_BATCH_NORM: ("batchnorm", _batchnorm.batch_norm),
     _batchnorm.ORIGINAL_TORCH_BATCH_NORM: ("batchnorm", _batchnorm.torch_batch_norm),
     _relu.ORIGINALS["F.relu"]: ("relu", _relu.relu),
@@ -327,6 +330,28 @@ class _SecondOrderMode(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+class _ForwardModeMode(TorchFunctionMode):
+    """Routes the functions that have no forward-mode derivative to written-out forms."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is _weight_norm.ORIGINAL_WEIGHT_NORM:
+            return _weight_norm.weight_norm(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def forward_mode_safe() -> Iterator[None]:
+    """The forward-mode counterpart of :func:`second_order_safe` (``torch.func.jvp`` paths: the
+    forward-over-reverse HVP, the GGN's Jacobian-vector products): attention runs PyTorch's
+    composite math kernel (the fused kernels have no forward-mode derivative) and
+    ``torch._weight_norm`` runs written out (it has none either: "Trying to use forward AD with
+    _weight_norm_interface")."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]), _ForwardModeMode():
+        yield
+
+
 _patch_lock = threading.Lock()
 _patch_depth = 0
 
@@ -342,6 +367,8 @@ def second_order_safe() -> Iterator[None]:
     module attribute ``torch.nn.functional.scaled_dot_product_attention`` (which ``nn.MultiheadAttention``
     and most libraries look up at call time) and through a ``TorchFunctionMode`` (for code that
     imported the function directly). Attention with ``dropout_p > 0`` runs in the math formulation.
+    ``torch._weight_norm`` (behind ``torch.nn.utils.parametrizations.weight_norm``) runs written
+    out, ``v * g / ||v||``: PyTorch's fused kernel has a wrong double backward on CPU.
     ``F.batch_norm``, ``F.conv1d/2d/3d`` and ``F.relu`` (and their ``torch.*`` spellings) take the
     fast paths of the module docstring: same values and derivatives, faster double backward.
     Re-entrant; the module attributes are process-global while any thread is inside the block.

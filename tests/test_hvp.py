@@ -471,3 +471,62 @@ def test_hvp_rejects_a_loss_that_does_not_depend_on_params():
     w = nn.Parameter(_randn(3))
     with pytest.raises(ValueError, match="does not depend on any tensor that requires grad"):
         hessopt.hvp(lambda: _randn(3).sum(), [w], [torch.ones(3, dtype=DT)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight normalization: PyTorch's fused torch._weight_norm has a wrong double backward on CPU
+# ---------------------------------------------------------------------------------------------
+
+
+def _weight_norm_net(legacy=False):
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    if legacy:
+        with pytest.warns(FutureWarning):
+            first = torch.nn.utils.weight_norm(nn.Linear(3, 4))
+    else:
+        first = weight_norm(nn.Linear(3, 4))
+    return nn.Sequential(first, nn.Tanh(), weight_norm(nn.Linear(4, 2), dim=None), nn.Tanh(),
+                         weight_norm(nn.Linear(2, 2), dim=1)).to(DT)
+
+
+def _fd_hessian(loss_of_flat, flat, eps=1e-5):
+    """Oracle: central differences of exact first-order gradients, column by column."""
+    cols = []
+    for i in range(flat.numel()):
+        e = torch.zeros_like(flat)
+        e[i] = eps
+        plus = torch.func.grad(loss_of_flat)(flat + e)
+        minus = torch.func.grad(loss_of_flat)(flat - e)
+        cols.append((plus - minus) / (2 * eps))
+    return torch.stack(cols, dim=1)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_weight_norm_hessian_is_symmetric_and_matches_finite_differences(legacy):
+    model = _weight_norm_net(legacy)
+    x, y = _randn(8, 3), torch.arange(8) % 2
+    params = [p for p in model.parameters()]
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in params]
+
+    def loss_of_flat(flat):
+        chunks = [c.view(s) for c, s in zip(flat.split([s.numel() for s in shapes]), shapes)]
+        return F.cross_entropy(torch.func.functional_call(model, dict(zip(names, chunks)), (x,)), y)
+
+    flat = flatten([p.detach() for p in params])
+    oracle = _fd_hessian(loss_of_flat, flat)  # truncation ~1e-10 at eps 1e-5 in float64
+    plain = _plain_dense_hessian(F.cross_entropy(model(x), y), params)
+    assert (plain - plain.T).abs().max() > 1e-2  # PyTorch's own double backward is asymmetric here
+    for method in ("reverse", "forward_over_reverse"):
+        H = hessopt.HessianOperator(model, nn.CrossEntropyLoss(), (x, y), method=method).to_dense()
+        torch.testing.assert_close(H, H.T, rtol=0, atol=1e-12)
+        torch.testing.assert_close(H, oracle, rtol=1e-6, atol=1e-7)
+    v = _random_like(params)
+    with hessopt.second_order_safe():
+        hv = hessopt.hvp(lambda: F.cross_entropy(model(x), y), params, v)
+    _assert_close(hv, oracle @ flatten(v), rtol=1e-6, atol=1e-7)
+    with torch.no_grad(), hessopt.second_order_safe():  # same forward values inside the block
+        inside = model(x)
+    torch.testing.assert_close(inside, model(x).detach(), rtol=1e-14, atol=1e-15)

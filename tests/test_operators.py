@@ -440,3 +440,230 @@ def test_lambda_operator_rejects_bad_functions():
         op @ torch.zeros(3, dtype=DT)
     with pytest.raises(TypeError, match=r"expected a CurvatureOperator .* got list"):
         hessopt.trace([[1.0]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Models left exactly as found, on real-architecture patterns (issue 12, item 7)
+# ---------------------------------------------------------------------------------------------
+
+
+class CachedBiasAttention(nn.Module):
+    """The pattern of timm's LeViT / EfficientFormerV2: in eval mode the attention biases are
+    gathered once into a cache that only an overridden ``train()`` clears."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 4)
+        self.biases = nn.Parameter(0.1 * _randn(4, seed=7))
+        self.cache = {}
+        self.train_calls = []
+
+    @torch.no_grad()
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.train_calls.append(mode)
+        if mode and self.cache:
+            self.cache = {}
+        return self
+
+    def bias(self) -> torch.Tensor:
+        if self.training:
+            return self.biases * 2
+        if "cpu" not in self.cache:
+            self.cache["cpu"] = self.biases * 2
+        return self.cache["cpu"]
+
+    def forward(self, x):
+        return torch.tanh(self.proj(x) + self.bias())
+
+
+def _cached_net():
+    torch.manual_seed(0)
+    return nn.Sequential(CachedBiasAttention(), nn.Linear(4, 2)).to(DT)
+
+
+@pytest.mark.parametrize("start", ["eval", "train"])
+@pytest.mark.parametrize("method", ["reverse", "forward_over_reverse", "finite_difference"])
+def test_train_override_runs_and_its_cache_is_left_clean(start, method, dense_hessian):
+    model, (x, y) = _cached_net(), _data(8)
+    getattr(model, start)()
+    with torch.no_grad():
+        before = model.eval()(x).clone()  # an eval forward fills the cache (without a graph)
+    getattr(model, start)()
+    op = hessopt.HessianOperator(model, nn.CrossEntropyLoss(), (x, y), method=method)
+    op @ _flat_probe(op)
+    assert model[0].training == (start == "train") and model[1].training == (start == "train")
+    assert not any(t.requires_grad for t in model[0].cache.values())  # no graph left behind
+    copy_ = __import__("copy").deepcopy(model)  # failed with graph-carrying cached tensors
+    with torch.no_grad():
+        model[0].biases.add_(0.5)  # a training step on the biases ...
+        if start == "train":
+            model.eval()
+        after = model(x)  # ... must show in eval outputs (a stale cache would hide it)
+        model[0].biases.sub_(0.5)
+        torch.testing.assert_close(copy_.eval()(x), before, rtol=0, atol=0)
+    assert (after - before).abs().max() > 1e-3
+    # the stale cache must not hide the biases' curvature either: the operator equals the oracle
+    model.eval()
+    model[0].cache = {}
+    oracle = dense_hessian(model, lambda out: F.cross_entropy(out, y), x)
+    model[0].cache = {"cpu": (model[0].biases * 2).detach()}  # stale and graph-free, as a user leaves it
+    tol = dict(rtol=1e-6, atol=1e-6) if method == "finite_difference" else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(hessopt.HessianOperator(model, nn.CrossEntropyLoss(), (x, y), method=method).to_dense(),
+                               oracle, **tol)
+
+
+def test_flags_are_restored_through_train_even_when_mixed(snapshot, assert_unchanged):
+    model = _cached_net()
+    model.train()
+    model[1].eval()
+    before = snapshot(model)
+    model[0].train_calls.clear()
+    op = hessopt.HessianOperator(model, nn.CrossEntropyLoss(), _data(8))
+    op @ _flat_probe(op)
+    assert_unchanged(model, before)
+    assert model[0].train_calls[-1] is True  # restored through its own train(), not .training = ...
+
+
+class TwoPathPReLU(nn.Module):
+    """One PReLU registered under two names and applied twice (timm CoaT shares modules so)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(3, 4)
+        self.act = nn.PReLU(4, init=0.3)
+        self.act_again = self.act
+        self.fc2 = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(self.act_again(self.fc2(self.act(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("op_class", ["hessian"])
+def test_a_module_registered_twice_keeps_its_parameter_objects(op_class, dense_hessian):
+    torch.manual_seed(0)
+    model, (x, y) = TwoPathPReLU().to(DT), _data(8)
+    originals = {(name, key): p for name, m in model.named_modules(remove_duplicate=False)
+                 for key, p in m._parameters.items()}
+    make = {
+        "hessian": lambda: hessopt.HessianOperator(model, nn.CrossEntropyLoss(), (x, y), method="forward_over_reverse"),
+    }[op_class]
+    op = make()
+    first = op @ _flat_probe(op)
+    for (name, key), p in originals.items():
+        held = getattr(model.get_submodule(name), key)
+        assert held is p and isinstance(held, nn.Parameter), f"{name}.{key} is not its Parameter any more"
+    torch.testing.assert_close(make() @ _flat_probe(op), first, rtol=0, atol=0)  # later products agree
+    if op_class == "hessian":
+        twin = __import__("copy").deepcopy(model)  # the oracle's functional_call has the same torch bug
+        torch.testing.assert_close(op.to_dense(), dense_hessian(twin, lambda out: F.cross_entropy(out, y), x),
+                                   rtol=1e-10, atol=1e-12)
+    # and training still updates the shared weight (a leftover tensor would silently drop it)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    before = model.act.weight.detach().clone()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert not torch.equal(model.act.weight.detach(), before)
+    assert model.act_again.weight is model.act.weight
+
+
+# ---------------------------------------------------------------------------------------------
+# HF-style dict batches and loss_fn(model, batch) (issue 13, item 2)
+# ---------------------------------------------------------------------------------------------
+
+
+class TinyHFOutput(dict):
+    """What HuggingFace models return: attribute and key access (``.loss``, ``["logits"]``)."""
+
+    __getattr__ = dict.get
+
+
+class TinyHFModel(nn.Module):
+    """``model(input_ids=..., attention_mask=..., labels=None)`` -> ``.logits`` and, with labels, ``.loss``."""
+
+    def __init__(self, vocab=5, dim=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        h = torch.tanh(self.embed(input_ids))
+        if attention_mask is not None:
+            h = h * attention_mask[..., None]
+        logits = self.head(h)
+        out = TinyHFOutput(logits=logits)
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=-100)
+        return out
+
+
+def _hf_batches():
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 5, (6, 4), generator=gen)
+    mask = torch.ones(6, 4, dtype=DT)
+    mask[0, 3] = 0
+    labels = torch.randint(0, 5, (6, 4), generator=gen)
+    return [{"input_ids": ids[:4], "attention_mask": mask[:4], "labels": labels[:4]},
+            {"input_ids": ids[4:], "attention_mask": mask[4:], "labels": labels[4:]}], (ids, mask, labels)
+
+
+def _hf_model():
+    torch.manual_seed(0)
+    return TinyHFModel().to(DT)
+
+
+def test_dict_batches_with_the_models_own_loss_equal_the_plain_hessian():
+    model = _hf_model()
+    batches, (ids, mask, labels) = _hf_batches()
+    per_batch = []
+    for b in batches:
+        op = hessopt.HessianOperator(model, None, b)
+        per_batch.append(op.to_dense())
+    whole = hessopt.HessianOperator(model, None, batches).to_dense()
+    # batches of 4 and 2 sequences: weighted by the first tensor's leading dimension
+    torch.testing.assert_close(whole, (4 * per_batch[0] + 2 * per_batch[1]) / 6, rtol=1e-12, atol=1e-14)
+    # the same loss through loss_fn(outputs, batch) and through loss_fn(model, batch)
+    def ce(outputs, batch):
+        return F.cross_entropy(outputs.logits.flatten(0, -2), batch["labels"].flatten())
+
+    def model_loss(m, batch):
+        return m(**batch).loss
+
+    torch.testing.assert_close(hessopt.HessianOperator(model, ce, batches).to_dense(), whole, rtol=1e-12, atol=1e-14)
+    for method in ("reverse", "forward_over_reverse"):
+        op = hessopt.HessianOperator(model, model_loss, batches, loss_form="model", method=method)
+        torch.testing.assert_close(op.to_dense(), whole, rtol=1e-10, atol=1e-12)
+    # an explicit batch size (here: counted tokens) changes the weights
+    tokens = hessopt.HessianOperator(model, None, batches, batch_size=lambda b: int(b["attention_mask"].sum()))
+    torch.testing.assert_close(tokens.to_dense(), (15 * per_batch[0] + 8 * per_batch[1]) / 23, rtol=1e-12, atol=1e-14)
+    # and the oracle: the Hessian of the model's own loss on the whole data by torch.func
+    params = dict(model.named_parameters())
+    names = list(params)
+
+    def total(*ts):
+        sd = dict(zip(names, ts))
+        out = 0
+        for b, w in zip(batches, (4, 2)):
+            out = out + w * torch.func.functional_call(model, sd, (), b).loss
+        return out / 6
+
+    H = torch.func.hessian(lambda flat: total(*unflatten(flat, [p.shape for p in params.values()])))(
+        flatten([p.detach() for p in params.values()]))
+    torch.testing.assert_close(whole, H, rtol=1e-10, atol=1e-12)
+
+
+def test_dict_batch_errors_say_what_to_do():
+    model = _hf_model()
+    batches, _ = _hf_batches()
+    no_labels = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+    with pytest.raises(ValueError, match=r"loss_fn=None takes the loss the model returns .* include the labels"):
+        hessopt.HessianOperator(model, None, no_labels).loss()
+    with pytest.raises(ValueError, match=r"loss_form must be one of \('outputs', 'model'\)"):
+        hessopt.HessianOperator(model, None, batches, loss_form="batch")
+    with pytest.raises(ValueError, match=r"loss_form='model' needs loss_fn\(model, batch\)"):
+        hessopt.HessianOperator(model, None, batches, loss_form="model")
+    with pytest.raises(ValueError, match=r"batch_size\(batch\) must return a non-negative int"):
+        hessopt.HessianOperator(model, None, batches, batch_size=lambda b: "four").loss()
+    with pytest.raises(TypeError, match=r"batch_size must be a callable"):
+        hessopt.HessianOperator(model, None, batches, batch_size=4)

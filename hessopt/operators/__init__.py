@@ -1,0 +1,44 @@
+"""Curvature operators: symmetric linear maps ``v -> A v`` that the estimators apply.
+
+Estimators (trace, diagonal, eigenvalues, spectral density, solve) only ever compute ``op @ v``;
+the operator owns everything else: which parameters, which data, how a model is put in the right
+mode and restored. So every estimator can be tested on a 10x10 matrix, and every operator against a
+dense oracle.
+
+``op @ v`` accepts a flat 1-D tensor of length ``op.num_params`` (returns a flat tensor), a list of
+tensors shaped like the operator's parameters (returns such a list; model-based operators only),
+or a 2-D tensor of shape ``(num_params, k)`` (applies the operator to each column).
+
+Modules:
+    base:     CurvatureOperator (the interface, ``to_scipy()``), MatrixOperator, LambdaOperator.
+    _model:   ModelOperator, the constructor conventions and data protocol of the model operators.
+    hessian:  HessianOperator (reverse, forward-over-reverse, finite differences).
+"""
+from .._batches import call_model, is_single_batch as _is_single_batch, to_device as _to_device
+from ..distributed import DistributedOperatorError
+from ._model import ModelOperator, operator_mode as _operator_mode, select_params as _select_params
+from .base import (
+    CurvatureOperator,
+    LambdaOperator,
+    MatrixOperator,
+    NonFiniteCurvatureError,
+    as_operator,
+    flatten,
+    unflatten,
+)
+from .hessian import HVP_METHODS, HessianOperator
+
+__all__ = [
+    "CurvatureOperator",
+    "ModelOperator",
+    "HessianOperator",
+    "MatrixOperator",
+    "LambdaOperator",
+    "NonFiniteCurvatureError",
+    "DistributedOperatorError",
+    "as_operator",
+    "flatten",
+    "unflatten",
+    "call_model",
+    "HVP_METHODS",
+]
