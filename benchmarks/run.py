@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="BatchNorm mode of the HVP suite (train: the optimizer's view; default)")
     g = p.add_argument_group("diagnostics suite")
     g.add_argument("--data-dir", default=None,
-                   help="CIFAR-10 source for hessopt.zoo.load_dataset (e.g. .gpu/data/cifar10-jpeg.tar.xz); default "
+                   help="CIFAR-10 source for recipes.common.load_dataset (e.g. .gpu/data/cifar10-jpeg.tar.xz); default "
                         "../shared/data/cifar10-jpeg.tar.xz")
     g.add_argument("--checkpoint", default=None,
                    help="state dict of the trained ResNet20: loaded if it exists, else written after training")

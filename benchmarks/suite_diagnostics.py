@@ -1,8 +1,8 @@
 r"""Diagnostics suite: accuracy and cost of hessopt's eigenvalue, trace and density estimators on a real network.
 
-Set-up (default, GPU): a CIFAR ResNet20 (hessopt.zoo) trained inside the suite on the CIFAR-10 JPEGs
+Set-up (default, GPU): a CIFAR ResNet20 (recipes.common) trained inside the suite on the CIFAR-10 JPEGs
 (10 epochs, SGD with Nesterov momentum, batch 256, augmentation on the device via
-:class:`hessopt.zoo.DeviceLoader`), unless ``--checkpoint`` names a saved state dict. The Hessian is
+:class:`recipes.common.DeviceLoader`), unless ``--checkpoint`` names a saved state dict. The Hessian is
 that of the mean cross-entropy over a fixed batch of 1024 test images (a seeded random subset),
 BatchNorm in eval mode (``HessianOperator(bn_mode="eval")``), float32.
 ``--quick``: the 8x8 digits (scikit-learn), a tiny CNN (438 parameters), 256 test digits.
@@ -108,13 +108,13 @@ def _setting(args) -> Dict[str, Any]:
 def _build(setting, data) -> nn.Module:
     if setting["model"] == "tiny_digits_cnn":
         return TinyDigitsNet(data.num_classes)
-    from hessopt.zoo import build_model
+    from recipes.common import build_model
 
     return build_model(setting["model"], data.num_classes, in_chans=data.in_chans)
 
 
 def _load_data(setting, args):
-    from hessopt.zoo import load_dataset
+    from recipes.common import load_dataset
 
     log(f"[diagnostics] loading {setting['dataset']}")
     t0 = time.perf_counter()
@@ -134,7 +134,7 @@ def _load_checkpoint(model: nn.Module, ckpt: str, device) -> Dict[str, Any]:
 
 def _train(model: nn.Module, data, setting, device, seed: int) -> Dict[str, Any]:
     """SGD (Nesterov, momentum 0.9, wd 5e-4), one epoch of linear warm-up then cosine decay."""
-    from hessopt.zoo import DeviceLoader
+    from recipes.common import DeviceLoader
 
     cifar = setting["dataset"] == "cifar10"
     loader = DeviceLoader(data.train_x, data.train_y, setting["train_batch"], data.mean, data.std, shuffle=True,
@@ -166,7 +166,7 @@ def _train(model: nn.Module, data, setting, device, seed: int) -> Dict[str, Any]
 
 @torch.no_grad()
 def _accuracy(model: nn.Module, data, device) -> float:
-    from hessopt.zoo import DeviceLoader
+    from recipes.common import DeviceLoader
 
     model.eval()
     loader = DeviceLoader(data.test_x, data.test_y, 1000, data.mean, data.std, device=device)

@@ -3,7 +3,7 @@
 Names are fixed (results are compared across runs and with ../shared/FIELD_NOTES.md by name):
 
 ==========================  ==============================================================
-``cifar_resnet20_b128``     CIFAR ResNet20 (hessopt.zoo), 3x32x32 images, batch 128, 10 classes
+``cifar_resnet20_b128``     CIFAR ResNet20 (recipes.common), 3x32x32 images, batch 128, 10 classes
 ``resnet50_224_b64``        timm ``resnet50``, 3x224x224 images, batch 64, 1000 classes
 ``gpt_6l512_t256_b16``      :class:`benchmarks.gpt.GPT`: 6 layers, d_model 512, 8 heads,
                             sequence length 256, batch 16, vocabulary 8192
@@ -42,7 +42,7 @@ class Workload:
 
 def _image_workload(name: str, model_name: str, num_classes: int, size: int, batch: int) -> Workload:
     def build() -> nn.Module:
-        from hessopt.zoo import build_model
+        from recipes.common import build_model
 
         return build_model(model_name, num_classes)
 

@@ -1,50 +1,75 @@
-"""The ``hessopt`` command line.
+"""The ``hessopt`` command line: ``hessopt analyze`` on the user's own model and data.
 
-``hessopt analyze CHECKPOINT --dataset NAME --out DIR`` loads a checkpoint written by the image
-classification recipe (``recipes/image_classification/train.py``: a dict with ``model`` (state
-dict), ``config`` (``model``, ``dataset``, ``data_dir``, ``batchnorm``, ``residual``, ...) and
-``epoch``), rebuilds the network with :func:`hessopt.zoo.build_model`, takes ``--num-batches``
-batches of ``--batch-size`` test images (a fixed random subset chosen by ``--seed``, normalized with the training set's mean and standard
-deviation, as in training, without augmentation), and writes
+``hessopt analyze`` imports the user's code by ``module:function`` (the current directory is put
+on ``sys.path`` first, as ``python -m`` does) and writes a curvature report with
+:func:`hessopt.report` (``OUT/report.json``, ``OUT/report.md``, PNG plots)::
 
-* ``DIR/report.json``: ``top_eigenvalues``, ``trace`` (with ``std_error``), ``density``
-  (``grid``, ``density``, ``nodes``, ``weights``), loss and accuracy on the analyzed images, and
-  optionally ``layerwise`` and ``landscape``;
-* PNG plots (density on a log scale, layer-wise bars, landscape curve and contours);
-* ``DIR/report.md``, a summary that embeds the plots.
+    hessopt analyze --model-fn mypkg.models:build --weights model.pt \\
+        --data-fn mypkg.data:held_out --loss cross_entropy --out report/ -k 5 --layerwise
 
-Checkpoints of ``--stream`` runs (an ImageFolder tree streamed by :class:`hessopt.zoo.FolderLoader`;
-their ``dataset_args`` say ``stream=True`` and record ``image_size``, ``mean`` and ``std``) are
-analyzed on held-out images read the same way: the loader's evaluation transform (resize, center
-crop, normalization). ``--stream`` asks for that with any imagefolder checkpoint (ImageNet's mean
-and std, and ``--image-size`` or 224, where the checkpoint records none).
+* ``--model-fn MODULE:FUNCTION`` (or ``--model MODULE:FUNCTION``): a callable returning an
+  ``nn.Module``. ``--weights PATH`` (or a positional PATH) loads a plain state dict into it (also a
+  dict holding one under ``state_dict``, ``model_state_dict`` or ``model``); or the callable loads
+  its weights itself. ``--timm NAME`` (or ``--model timm:NAME``) builds a timm model instead.
+* ``--data-fn MODULE:FUNCTION``: a callable returning one batch or an iterable of batches (a list,
+  a generator, a DataLoader). A batch is an ``(inputs, targets)`` pair (``model(inputs)``; a tuple
+  of inputs is unpacked) or a dict (``model(**batch)``, the HuggingFace convention).
+* ``--loss``: ``cross_entropy``, ``mse``, ``l1``, ``smooth_l1``, ``huber``, ``nll``, ``bce``,
+  ``bce_with_logits`` (of the model's output, or of its ``.logits``; with dict batches the targets
+  are ``batch["labels"]``), or ``MODULE:FUNCTION`` called as ``fn(outputs, targets)``
+  (``fn(outputs, batch)`` for dict batches), or as ``fn(model, batch)`` with ``--loss-form model``.
+  Without ``--loss``, dict batches use the loss the model computes itself (``outputs.loss``).
+* ``--model-arg KEY=VALUE`` / ``--data-arg KEY=VALUE`` (repeatable; VALUE is read as JSON when it
+  parses, e.g. ``3``, ``true``, ``[1, 2]``, else as a string) and ``--model-args JSON`` /
+  ``--data-args JSON`` (an object) are passed to the callables as keyword arguments.
 
-BatchNorm uses its running statistics (``--bn-mode eval``, the network as used for inference);
-``--bn-mode train`` takes the Hessian of the training-mode loss (batch statistics), without
-touching the running statistics.
+Every user error (a malformed spec, a missing module or attribute, a callable that raises or
+returns the wrong type, an unreadable weights file) is printed as ``hessopt analyze: error: ...``
+with exit status 2 and no traceback (``--debug`` shows it).
 
-Run ``hessopt analyze --help`` for all options; ``python -m hessopt.cli`` and ``python -m hessopt``
-do the same as the ``hessopt`` console script.
+Checkpoints of this repository's image-classification recipe are analyzed through its adapter,
+``recipes/image_classification/analyze.py`` (or ``--model-fn
+recipes.image_classification.checkpoint:build_model --data-fn
+recipes.image_classification.checkpoint:batches`` from the repository root).
+
+``python -m hessopt`` and ``python -m hessopt.cli`` do the same as the ``hessopt`` console script.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import json
-import math
 import os
 import pickle
+import re
 import sys
-import time
-import warnings
+import traceback
 import zipfile
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["main", "build_parser", "analyze", "CLIError"]
+__all__ = ["main", "build_parser", "analyze", "CLIError", "resolve_callable", "LOSSES"]
 
 
 class CLIError(Exception):
-    """A user-facing error: printed as ``hessopt: error: ...`` with exit status 2."""
+    """A user-facing error: printed as ``hessopt COMMAND: error: ...`` with exit status 2."""
+
+
+#: ``--loss`` names -> the ``torch.nn.functional`` function (mean reduction)
+LOSSES = {
+    "cross_entropy": "cross_entropy",
+    "mse": "mse_loss",
+    "l1": "l1_loss",
+    "smooth_l1": "smooth_l1_loss",
+    "huber": "huber_loss",
+    "nll": "nll_loss",
+    "bce": "binary_cross_entropy",
+    "bce_with_logits": "binary_cross_entropy_with_logits",
+}
+_SPEC = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
+_WEIGHT_KEYS = ("state_dict", "model_state_dict", "model")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,49 +114,63 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     a = sub.add_parser(
         "analyze",
-        help="Hessian diagnostics of a recipe checkpoint (eigenvalues, trace, density, ...)",
-        description="Hessian diagnostics of an image-classification checkpoint: top eigenvalues, trace "
-        "(with standard error), spectral density, and optionally layer-wise spectra and loss landscapes. "
-        "Writes OUT/report.json, OUT/report.md and PNG plots.",
+        help="curvature report of your own model and data (eigenvalues, trace, density, ...)",
+        description="Curvature report of your own model and data: top eigenvalues, trace (with standard "
+        "error), spectral density, and optionally layer-wise spectra and loss landscapes. Writes "
+        "OUT/report.json, OUT/report.md and PNG plots (hessopt.report). Model and data come from your code, "
+        "imported by MODULE:FUNCTION with the current directory on sys.path.",
+        epilog="Example: hessopt analyze --model-fn mypkg.models:build --weights model.pt "
+        "--data-fn mypkg.data:held_out --loss cross_entropy --out report/ -k 5. Recipe checkpoints of this "
+        "repository: python recipes/image_classification/analyze.py CHECKPOINT --out DIR.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    a.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint.pt written by recipes/image_classification/train.py")
-    a.add_argument("--dataset", default=None, help="digits, cifar10 or imagefolder (default: the checkpoint's)")
-    a.add_argument("--data-dir", default=None, help="data location (default: the checkpoint's, else the dataset's default)")
-    a.add_argument("--cache-dir", default=None, help="cache for decoded images")
-    a.add_argument("--stream", action="store_true",
-                   help="imagefolder: read the test images through hessopt.zoo.FolderLoader's evaluation transform "
-                        "(resize, center crop; implied by checkpoints of --stream runs) instead of into memory")
-    a.add_argument("--image-size", type=_positive_int, default=None,
-                   help="with --stream: image side (default: the checkpoint's, else 224)")
-    a.add_argument("--out", required=True, help="output directory (created)")
-    a.add_argument("--model", default=None, help="model name, if the checkpoint's config does not say")
-    a.add_argument("--batch-size", type=_positive_int, default=128, help="test images per batch")
-    a.add_argument("--num-batches", type=_positive_int, default=4, help="number of test batches the Hessian averages over")
-    a.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
-    a.add_argument("--top-k", type=_positive_int, default=5, help="number of top eigenvalues")
-    a.add_argument("--tol", type=_positive_float, default=1e-3, help="relative tolerance of the eigenvalues")
-    a.add_argument("--trace-matvecs", type=_positive_int, default=60, help="Hutch++ budget of the trace (>= 4)")
-    a.add_argument("--density-steps", type=_positive_int, default=60, help="Lanczos steps of the density")
-    a.add_argument("--density-runs", type=_positive_int, default=1, help="independent SLQ runs of the density")
-    a.add_argument("--seed", type=int, default=0, help="seed of all random probes and directions")
-    a.add_argument("--bn-mode", choices=("eval", "train"), default="eval",
-                   help="BatchNorm with running statistics (eval) or batch statistics (train)")
-    a.add_argument("--layerwise", action="store_true", help="also the spectrum of every layer (module)")
-    a.add_argument("--layerwise-filter", default=None, help="regex: only blocks (module names) matching it")
-    a.add_argument("--layerwise-k", type=_positive_int, default=1, help="top eigenvalues per layer")
-    a.add_argument("--layerwise-trace-matvecs", type=_nonneg_int, default=12, help="trace budget per layer (0: none)")
-    a.add_argument("--landscape", action="store_true",
-                   help="also the loss along the top eigenvector and on a plane of two random filter-normalized directions")
-    a.add_argument("--landscape-steps", type=_positive_int, default=21, help="points of the 1-D landscape")
-    a.add_argument("--landscape-grid", type=_nonneg_int, default=11, help="points per axis of the 2-D landscape (0: none)")
-    a.add_argument("--landscape-distance", type=_positive_float, default=None,
-                   help="half-width of the 1-D landscape along the unit top eigenvector (default: 2*sqrt(2/lambda_1), "
-                        "where the quadratic model rises by 4)")
-    a.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
-    a.add_argument("--no-progress", action="store_true", help="no progress bars")
-    a.add_argument("--trust-checkpoint", action="store_true",
-                   help="load with full unpickling (only for checkpoints you trust) if the safe loader refuses")
+    a.add_argument("weights_path", nargs="?", default=None, metavar="WEIGHTS",
+                   help="state dict to load into the model (the same as --weights)")
+    src = a.add_argument_group("model")
+    src.add_argument("--model-fn", default=None, metavar="MODULE:FUNCTION",
+                     help="callable returning the torch.nn.Module to analyze")
+    src.add_argument("--model", default=None, metavar="SPEC",
+                     help="MODULE:FUNCTION (as --model-fn) or timm:NAME (as --timm)")
+    src.add_argument("--timm", default=None, metavar="NAME", help="a timm model name (timm.create_model(NAME, **model args))")
+    src.add_argument("--weights", default=None, metavar="PATH",
+                     help="a saved state dict (or a dict holding one under state_dict / model_state_dict / model)")
+    src.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                     help="keyword argument of the model callable (repeatable; VALUE as JSON if it parses)")
+    src.add_argument("--model-args", default=None, metavar="JSON", help="keyword arguments of the model callable, a JSON object")
+    dat = a.add_argument_group("data and loss")
+    dat.add_argument("--data-fn", default=None, metavar="MODULE:FUNCTION",
+                     help="callable returning one batch or an iterable of batches ((inputs, targets) pairs or dicts)")
+    dat.add_argument("--data-arg", action="append", default=[], metavar="KEY=VALUE",
+                     help="keyword argument of the data callable (repeatable; VALUE as JSON if it parses)")
+    dat.add_argument("--data-args", default=None, metavar="JSON", help="keyword arguments of the data callable, a JSON object")
+    dat.add_argument("--loss", default=None, metavar="NAME|MODULE:FUNCTION",
+                     help=f"{', '.join(LOSSES)}, or MODULE:FUNCTION; default for dict batches: the model's own outputs.loss")
+    dat.add_argument("--loss-form", choices=("outputs", "model"), default="outputs",
+                     help="outputs: loss(outputs, targets) (dict batches: loss(outputs, batch)); model: loss(model, batch)")
+    rep = a.add_argument_group("report")
+    rep.add_argument("--out", required=True, help="output directory (created)")
+    rep.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
+    rep.add_argument("-k", "--top-k", dest="k", type=_positive_int, default=5, help="number of top eigenvalues")
+    rep.add_argument("--matrix", default="hessian", help="curvature matrix: hessian, ggn or fisher (as hessopt.report has them)")
+    rep.add_argument("--tol", type=_positive_float, default=1e-3, help="relative tolerance of the eigenvalues")
+    rep.add_argument("--trace-matvecs", type=_positive_int, default=60, help="Hutch++ budget of the trace (>= 4)")
+    rep.add_argument("--density-steps", type=_positive_int, default=60, help="Lanczos steps of the density")
+    rep.add_argument("--density-runs", type=_positive_int, default=1, help="independent SLQ runs of the density")
+    rep.add_argument("--no-density", action="store_true", help="skip the spectral density")
+    rep.add_argument("--layerwise", action="store_true", help="also the spectrum of every layer (module)")
+    rep.add_argument("--layerwise-k", type=_positive_int, default=1, help="top eigenvalues per layer")
+    rep.add_argument("--layerwise-trace-matvecs", type=_nonneg_int, default=12, help="trace budget per layer (0: none)")
+    rep.add_argument("--landscape", action="store_true",
+                     help="also the loss along the top eigenvector and on a plane of two random filter-normalized directions")
+    rep.add_argument("--landscape-steps", type=_positive_int, default=21, help="points of the 1-D landscape")
+    rep.add_argument("--landscape-grid", type=_nonneg_int, default=11, help="points per axis of the 2-D landscape (0: none)")
+    rep.add_argument("--bn-mode", choices=("eval", "train"), default="eval",
+                     help="BatchNorm with running statistics (eval) or batch statistics (train)")
+    rep.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
+    rep.add_argument("--seed", type=int, default=0, help="seed of all random probes and directions")
+    rep.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+    rep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    rep.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
 
@@ -144,20 +183,101 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         if args.command == "analyze":
-            report = analyze(args)
-            print(f"hessopt analyze: wrote {Path(args.out) / 'report.json'} and {Path(args.out) / 'report.md'}")
-            top = report["top_eigenvalues"]["eigenvalues"]
-            print(f"  top eigenvalues {', '.join(f'{v:.4g}' for v in top)}; trace {report['trace']['estimate']:.4g} "
-                  f"+- {report['trace']['std_error']:.2g}")
+            result = analyze(args)
+            s = result.summary
+            print(f"hessopt analyze: wrote {result.paths['json']} and {result.paths['markdown']}")
+            trace = f"; trace {s.trace:.4g} +- {s.trace_std_error:.2g}" if s.trace == s.trace else ""
+            print(f"  top eigenvalues {', '.join(f'{v:.4g}' for v in s.top_eigenvalues.tolist())}{trace}")
             return 0
     except CLIError as err:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
         print(f"hessopt {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
 # --------------------------------------------------------------------------------------------------
-# hessopt analyze
+# the user's code
+# --------------------------------------------------------------------------------------------------
+
+def _where(err: BaseException) -> str:
+    """``file:line`` of the innermost frame of ``err`` (the user's code, usually)."""
+    tb = traceback.extract_tb(err.__traceback__)
+    return f" (at {tb[-1].filename}:{tb[-1].lineno})" if tb else ""
+
+
+def resolve_callable(spec: str, option: str) -> Callable[..., Any]:
+    """Import ``module.path:attr.path`` (the current directory first on ``sys.path``, as ``python -m``
+    does) and return the callable; every failure is a :class:`CLIError` naming ``option``."""
+    if not isinstance(spec, str) or not _SPEC.match(spec.strip()):
+        raise CLIError(f"{option} {spec!r}: expected MODULE:FUNCTION, e.g. mypkg.models:build "
+                       "(a dotted module path, a colon, a function name)")
+    module_name, _, attr_path = spec.strip().partition(":")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and (module_name == err.name or module_name.startswith(err.name + ".")):
+            raise CLIError(f"{option} {spec}: no module named {err.name!r} (looked in the current directory "
+                           f"{cwd} and on sys.path; run from the folder that holds it or set PYTHONPATH)") from err
+        raise CLIError(f"{option} {spec}: importing {module_name!r} failed: {err}{_where(err)}") from err
+    except Exception as err:  # noqa: BLE001 - any error in the user's module, reported without a traceback
+        raise CLIError(f"{option} {spec}: importing {module_name!r} raised {type(err).__name__}: {err}"
+                       f"{_where(err)}") from err
+    obj: Any = module
+    for i, part in enumerate(attr_path.split(".")):
+        if not hasattr(obj, part):
+            where = module_name + "".join("." + p for p in attr_path.split(".")[:i])
+            names = sorted(n for n in dir(obj) if not n.startswith("_"))[:20]
+            raise CLIError(f"{option} {spec}: {where!r} has no attribute {part!r}"
+                           + (f" (it has: {', '.join(names)})" if names else ""))
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise CLIError(f"{option} {spec}: {attr_path!r} is a {type(obj).__name__}, not a callable")
+    return obj
+
+
+def _kwargs(pairs: Sequence[str], blob: Optional[str], option: str) -> Dict[str, Any]:
+    kwargs: Dict[str, Any] = {}
+    if blob is not None:
+        try:
+            parsed = json.loads(blob)
+        except ValueError as err:
+            raise CLIError(f"--{option}s {blob!r} is not JSON: {err}") from err
+        if not isinstance(parsed, dict):
+            raise CLIError(f"--{option}s must be a JSON object ({{\"key\": value, ...}}), got {type(parsed).__name__}")
+        kwargs.update(parsed)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise CLIError(f"--{option} {pair!r}: expected KEY=VALUE with KEY a Python identifier")
+        try:
+            kwargs[key.strip()] = json.loads(value)
+        except ValueError:
+            kwargs[key.strip()] = value  # a plain string (a path, a name)
+    return kwargs
+
+
+def _call(fn: Callable[..., Any], kwargs: Dict[str, Any], spec: str, option: str) -> Any:
+    try:
+        inspect.signature(fn).bind(**kwargs)
+    except TypeError as err:
+        raise CLIError(f"{option} {spec} does not take the arguments {sorted(kwargs) or 'given'}: {err}") from err
+    except ValueError:  # no signature (a builtin): let the call decide
+        pass
+    try:
+        return fn(**kwargs)
+    except CLIError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the user's code failed: say where, no traceback
+        raise CLIError(f"{option} {spec} raised {type(err).__name__}: {err}{_where(err)}") from err
+
+
+# --------------------------------------------------------------------------------------------------
+# model, weights, data, loss
 # --------------------------------------------------------------------------------------------------
 
 def _device(name: str):
@@ -174,377 +294,263 @@ def _device(name: str):
     return device
 
 
-def load_checkpoint(path: str, device, trust: bool = False) -> Dict[str, Any]:
-    """Read a recipe checkpoint and check its format; every failure is a :class:`CLIError`."""
+def load_weights(path: str) -> Dict[str, Any]:
+    """A state dict from ``path`` (safe loading: tensors and containers only); a :class:`CLIError`
+    for a missing, empty, text, garbage or truncated file, or one that holds no state dict."""
     import torch
 
     p = Path(path)
     if not p.exists():
-        raise CLIError(f"checkpoint not found: {path}")
+        raise CLIError(f"weights not found: {path}")
     if p.is_dir():
-        candidate = p / "checkpoint.pt"
-        if not candidate.is_file():
-            raise CLIError(f"{path} is a directory without checkpoint.pt; pass the checkpoint file")
-        p = candidate
+        raise CLIError(f"{path} is a directory; --weights takes a file saved with torch.save(model.state_dict(), PATH)")
+    if p.stat().st_size == 0:
+        raise CLIError(f"{path} is empty (0 bytes): not a PyTorch weights file")
     try:
-        with torch.serialization.safe_globals(_numpy_globals()):
-            ckpt = torch.load(p, map_location=device, weights_only=not trust)
+        obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         refused = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line]
-        if not trust and refused:
-            raise CLIError(
-                f"{p} holds objects the safe loader refuses ({refused[0][:200]}); if you trust the file, "
-                "rerun with --trust-checkpoint"
-            ) from err
-        raise CLIError(f"cannot read {p}: it is corrupt or not a PyTorch checkpoint ({err})") from err
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError) as err:
-        raise CLIError(f"cannot read {p}: it is corrupt or not a PyTorch checkpoint ({type(err).__name__}: {err})") from err
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CLIError(
-            f"{p} is not a hessopt recipe checkpoint: expected a dict with 'model' (state dict) and "
-            f"'config', got {keys}"
-        )
-    if not isinstance(ckpt["model"], dict):
-        raise CLIError(f"{p}: 'model' should be a state dict, got {type(ckpt['model']).__name__}")
-    ckpt["config"] = _config(ckpt)
-    return ckpt
-
-
-def _numpy_globals() -> list:
-    # The recipe stores NumPy's RNG state (an array) for bit-exact resumption; these are NumPy's
-    # array/dtype reconstructors, which rebuild plain data and run no user code.
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover
-        return []
-    core = getattr(np, "_core", None) or np.core
-    allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype]
-    allowed += [type(np.dtype(t)) for t in (np.uint8, np.uint32, np.int64, np.float32, np.float64)]
-    return allowed
-
-
-def _config(ckpt: Dict[str, Any]) -> Dict[str, Any]:
-    """The run's settings: ``resolved`` (all defaults filled in) over ``config`` (as given), with
-    ``model_args`` / ``dataset_args`` (what the model and data were built from) taking precedence."""
-    config: Dict[str, Any] = {}
-    for key in ("config", "resolved"):
-        part = ckpt.get(key)
-        if part is not None and not isinstance(part, dict):
-            part = dict(vars(part)) if hasattr(part, "__dict__") else None
-        if part:
-            config.update({k: v for k, v in part.items() if v is not None})
-    model_args = ckpt.get("model_args")
-    if isinstance(model_args, dict):
-        for src, dst in (("name", "model"), ("batchnorm", "batchnorm"), ("residual", "residual"),
-                         ("num_classes", "num_classes"), ("in_chans", "in_chans")):
-            if model_args.get(src) is not None:
-                config[dst] = model_args[src]
-    dataset_args = ckpt.get("dataset_args")
-    if isinstance(dataset_args, dict):
-        if dataset_args.get("name"):
-            config["dataset"] = dataset_args["name"]
-        if dataset_args.get("data_dir"):
-            config["data_dir"] = dataset_args["data_dir"]
-        for key in ("stream", "image_size", "mean", "std"):  # streamed runs: how the images were read
-            if dataset_args.get(key) is not None:
-                config[key] = dataset_args[key]
-    return config
-
-
-def _state_dict(state: Dict[str, Any]) -> Dict[str, Any]:
-    # checkpoints of torch.compile'd or DDP-wrapped models prefix every key
-    for prefix in ("_orig_mod.", "module."):
+        if refused:
+            raise CLIError(f"{path} holds Python objects the safe loader refuses ({refused[0][:200]}); save a plain "
+                           "state dict (torch.save(model.state_dict(), PATH)), or load the file inside your "
+                           "--model-fn") from err
+        raise CLIError(f"cannot read {path}: it is not a PyTorch file (a text file? truncated?): {str(err)[:200]}") from err
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, zipfile.BadZipFile, AttributeError,
+            UnicodeDecodeError, IndexError, TypeError) as err:
+        raise CLIError(f"cannot read {path}: it is not a PyTorch file, or it is truncated or corrupt "
+                       f"({type(err).__name__}: {str(err)[:200]})") from err
+    state = obj
+    if isinstance(obj, Mapping) and not _is_state_dict(obj):
+        for key in _WEIGHT_KEYS:
+            if isinstance(obj.get(key), Mapping) and _is_state_dict(obj[key]):
+                state = obj[key]
+                break
+    if not isinstance(state, Mapping) or not _is_state_dict(state):
+        what = (f"a dict with keys {sorted(map(str, obj))[:10]}" if isinstance(obj, Mapping)
+                else f"a {type(obj).__name__}")
+        raise CLIError(f"{path} holds {what}, not a state dict (name -> tensor) nor a dict holding one under "
+                       f"{' / '.join(_WEIGHT_KEYS)}; save torch.save(model.state_dict(), PATH), or load your "
+                       "weights inside --model-fn")
+    state = dict(state)
+    for prefix in ("_orig_mod.", "module."):  # torch.compile'd or DDP-wrapped models prefix every key
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
     return state
 
 
-def _load_data(name: str, data_dir: Optional[str], cache_dir: Optional[str]):
-    from . import zoo
+def _is_state_dict(obj: Mapping) -> bool:
+    import torch
 
-    if name not in zoo.DATASETS:
-        raise CLIError(f"unknown dataset {name!r}; choose one of {', '.join(zoo.DATASETS)}")
+    return bool(obj) and all(isinstance(k, str) for k in obj) and \
+        all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _timm_model(name: str, kwargs: Dict[str, Any]):
     try:
-        return zoo.load_dataset(name, data_dir=data_dir, cache_dir=cache_dir)
-    except (FileNotFoundError, ValueError, OSError) as err:
-        raise CLIError(f"cannot load dataset {name!r}" + (f" from {data_dir}" if data_dir else "") + f": {err}") from err
-
-
-class _StreamedData:
-    """The held-out split of an ImageFolder tree, read image by image (checkpoints of ``--stream`` runs)."""
-
-    name, in_chans = "imagefolder", 3
-
-    def __init__(self, data_dir: Optional[str], config: Dict[str, Any], image_size: Optional[int]):
-        from . import zoo
-
-        if not data_dir:
-            raise CLIError("--stream needs --data-dir: the folder that holds train/<class>/* and val/<class>/*")
-        try:
-            _, self.val = zoo.image_folders(data_dir)
-        except (ValueError, OSError, ImportError) as err:
-            raise CLIError(f"cannot read the image folders in {data_dir}: {err}") from err
-        self.num_classes = len(self.val.classes)
-        self.image_size = int(image_size or config.get("image_size") or 224)
-        self.mean = tuple(config.get("mean") or zoo.IMAGENET_MEAN)
-        self.std = tuple(config.get("std") or zoo.IMAGENET_STD)
-
-
-def _build(config: Dict[str, Any], model_name: Optional[str], data, state: Dict[str, Any], device):
-    from . import zoo
-
-    name = model_name or config.get("model")
-    if not name:
-        raise CLIError("the checkpoint's config does not name the model: pass --model NAME")
-    for key, have in (("num_classes", data.num_classes), ("in_chans", data.in_chans)):
-        if config.get(key) is not None and int(config[key]) != have and not model_name:
-            raise CLIError(
-                f"the checkpoint's model has {key}={config[key]} but dataset {data.name!r} has {have}: "
-                f"pass the --dataset it was trained on (the checkpoint says {config.get('dataset')!r})"
-            )
-    kwargs = dict(batchnorm=bool(config.get("batchnorm", True)), residual=bool(config.get("residual", True)))
+        import timm
+    except ImportError as err:
+        raise CLIError(f"--timm {name} needs timm: pip install hessopt[timm]") from err
+    kwargs = {"pretrained": False, **kwargs}
     try:
-        model = zoo.build_model(name, data.num_classes, in_chans=data.in_chans, **kwargs)
-    except (ValueError, ImportError, TypeError) as err:
-        raise CLIError(f"cannot build model {name!r}: {err}") from err
-    try:
-        model.load_state_dict(_state_dict(state))
+        return timm.create_model(name, **kwargs)
     except RuntimeError as err:
-        first = str(err).splitlines()[0]
-        raise CLIError(
-            f"the checkpoint's weights do not fit {name!r} ({kwargs}) with {data.num_classes} classes and "
-            f"{data.in_chans} input channels (is --dataset the one it was trained on?): {first}"
-        ) from err
-    return model.to(device)
+        if "Unknown model" in str(err):
+            raise CLIError(f"--timm {name}: timm has no model {name!r} (timm.list_models() lists them)") from err
+        raise CLIError(f"--timm {name}: timm.create_model failed: {err}") from err
+    except Exception as err:  # noqa: BLE001
+        raise CLIError(f"--timm {name}: timm.create_model raised {type(err).__name__}: {err}") from err
 
 
-def analysis_subset(num_images: int, count: int, seed: int):
-    """Indices of the analyzed test images: a fixed random subset (data sets stored class by class,
-    like CIFAR-10's JPEG folders, would give one class if the first images were taken)."""
-    import torch
-
-    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))
-    return order[: min(count, num_images)]
-
-
-def _test_batches(data, batch_size: int, num_batches: int, device, seed: int) -> List[Tuple[Any, Any]]:
-    from .zoo import DeviceLoader, FolderLoader
-
-    if isinstance(data, _StreamedData):  # the same subset rule, decoded with the evaluation transform
-        idx = analysis_subset(len(data.val), batch_size * num_batches, seed)
-        return list(FolderLoader(data.val, batch_size, indices=idx, image_size=data.image_size, mean=data.mean,
-                                 std=data.std, num_workers=0, device=device))
-    idx = analysis_subset(data.test_x.shape[0], batch_size * num_batches, seed)
-    loader = DeviceLoader(data.test_x[idx], data.test_y[idx], batch_size, data.mean, data.std,
-                          shuffle=False, augment=False, drop_last=False, device=device)
-    return list(loader)
-
-
-def _loss_and_accuracy(model, loss_fn, batches, bn_mode: str) -> Tuple[float, float]:
-    import torch
-
-    from .operators import _operator_mode
-
-    total, correct, count = 0.0, 0, 0
-    with torch.no_grad(), _operator_mode(model, bn_mode):
-        for x, y in batches:
-            out = model(x)
-            total += float(loss_fn(out, y)) * y.shape[0]
-            correct += int((out.argmax(1) == y).sum())
-            count += y.shape[0]
-    return total / count, correct / count
-
-
-def analyze(args: argparse.Namespace) -> Dict[str, Any]:
-    """Run ``hessopt analyze`` for parsed ``args``; returns the report (also written to ``args.out``)."""
+def build_model(args: argparse.Namespace):
+    """The model the options name, weights loaded; a :class:`CLIError` for anything wrong."""
     from torch import nn
 
-    from . import spectral_density, top_eigenvalues, trace
-    from .analysis import layerwise, loss_landscape
-    from .operators import HessianOperator
+    weights = args.weights or args.weights_path
+    if args.weights and args.weights_path and args.weights != args.weights_path:
+        raise CLIError("give the weights once: either the positional WEIGHTS or --weights")
+    state = load_weights(weights) if weights else None  # a bad file is reported first, whatever else is missing
+    sources = [s for s in (args.model_fn, args.model, args.timm) if s]
+    if not sources:
+        raise CLIError(
+            "no model: pass --model-fn MODULE:FUNCTION (a callable returning your nn.Module) or --timm NAME"
+            + (" and the weights file" if weights else "") + "; checkpoints of this repository's image-"
+            "classification recipe: python recipes/image_classification/analyze.py CHECKPOINT --out DIR")
+    if len(sources) > 1:
+        raise CLIError(f"one model source, please: got {' and '.join(sources)} (--model-fn, --model, --timm)")
+    kwargs = _kwargs(args.model_arg, args.model_args, "model-arg")
+    spec = sources[0]
+    if args.timm or spec.startswith("timm:"):
+        name = args.timm or spec[len("timm:"):]
+        model, what = _timm_model(name, kwargs), f"timm model {name}"
+    else:
+        option = "--model-fn" if args.model_fn else "--model"
+        model, what = _call(resolve_callable(spec, option), kwargs, spec, option), spec
+        if not isinstance(model, nn.Module):
+            raise CLIError(f"{option} {spec} returned a {type(model).__name__}, not a torch.nn.Module "
+                           "(return the model, e.g. `return MyNet()`)")
+    if state is not None:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            raise CLIError(f"the weights in {weights} do not fit {what}: " + " ".join(lines[1:4])[:600]) from err
+    return model
 
-    started = time.perf_counter()
-    timings: Dict[str, float] = {}
-    progress = not args.no_progress
+
+def _is_batch(obj: Any) -> bool:
+    """One batch, by the operators' rule: a mapping, or a pair whose second element (the targets) is a tensor."""
+    import torch
+
+    if isinstance(obj, Mapping):
+        return True
+    return isinstance(obj, (tuple, list)) and len(obj) == 2 and isinstance(obj[1], torch.Tensor)
+
+
+def build_data(args: argparse.Namespace) -> Tuple[Any, bool]:
+    """``(data, mapping)``: one batch or a re-iterable collection of batches, and whether the batches
+    are dicts; a :class:`CLIError` when the callable returns something else."""
+    import torch
+
+    if not args.data_fn:
+        raise CLIError("no data: pass --data-fn MODULE:FUNCTION (a callable returning one (inputs, targets) batch, "
+                       "a dict batch, or an iterable of them, e.g. a DataLoader of held-out data)")
+    kwargs = _kwargs(args.data_arg, args.data_args, "data-arg")
+    spec = args.data_fn
+    data = _call(resolve_callable(spec, "--data-fn"), kwargs, spec, "--data-fn")
+    expected = ("an (inputs, targets) pair with tensor targets, a dict (model(**batch)), or an iterable of them "
+                "(a list, a generator, a DataLoader)")
+    if _is_batch(data):
+        return data, isinstance(data, Mapping)
+    if isinstance(data, (str, bytes, torch.Tensor)) or not isinstance(data, Iterable):
+        raise CLIError(f"--data-fn {spec} returned a {type(data).__name__}; expected {expected}")
+    if isinstance(data, Iterator):  # a generator survives one pass only: the analysis makes many
+        try:
+            data = list(data)
+        except Exception as err:  # noqa: BLE001
+            raise CLIError(f"--data-fn {spec}: iterating its batches raised {type(err).__name__}: {err}{_where(err)}") from err
+    try:
+        first = next(iter(data), None)
+    except Exception as err:  # noqa: BLE001
+        raise CLIError(f"--data-fn {spec}: iterating its batches raised {type(err).__name__}: {err}{_where(err)}") from err
+    if first is None:
+        raise CLIError(f"--data-fn {spec} returned no batches (an empty {type(data).__name__})")
+    if not _is_batch(first):
+        raise CLIError(f"--data-fn {spec} returned an iterable whose first item is a {type(first).__name__}"
+                       + (f" of length {len(first)}" if isinstance(first, (tuple, list)) else "")
+                       + f"; each batch must be an (inputs, targets) pair with tensor targets or a dict (expected {expected})")
+    return data, isinstance(first, Mapping)
+
+
+def _logits(outputs: Any):
+    import torch
+
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if hasattr(outputs, "logits"):
+        return outputs.logits
+    if isinstance(outputs, Mapping) and "logits" in outputs:
+        return outputs["logits"]
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    raise TypeError(f"the model returned a {type(outputs).__name__}; a named --loss needs a tensor or an output "
+                    "with .logits (or pass --loss MODULE:FUNCTION)")
+
+
+def build_loss(args: argparse.Namespace, mapping: bool) -> Optional[Callable[..., Any]]:
+    """The loss callable the operator gets (``None``: the model's own ``outputs.loss``)."""
+    import torch.nn.functional as F
+
+    name = args.loss
+    if args.loss_form == "model":
+        if not name or ":" not in name:
+            raise CLIError("--loss-form model needs --loss MODULE:FUNCTION, a function loss(model, batch) -> scalar")
+        return resolve_callable(name, "--loss")
+    if name is None:
+        if mapping:
+            return None  # outputs.loss, the model's own (HuggingFace models compute it from batch["labels"])
+        raise CLIError(f"pass --loss: one of {', '.join(LOSSES)}, or MODULE:FUNCTION (loss(outputs, targets) -> scalar)")
+    if ":" in name:
+        return resolve_callable(name, "--loss")
+    key = name.strip().lower().replace("-", "_")
+    if key.endswith("_loss") and key[:-5] in LOSSES:
+        key = key[:-5]
+    if key in ("ce", "crossentropy"):
+        key = "cross_entropy"
+    if key not in LOSSES:
+        raise CLIError(f"--loss {name!r}: not a known loss; use one of {', '.join(LOSSES)}, or MODULE:FUNCTION")
+    fn = getattr(F, LOSSES[key])
+
+    def named_loss(outputs, targets):
+        if mapping:  # loss(outputs, batch): the HuggingFace convention keeps the targets in batch["labels"]
+            if "labels" not in targets:
+                raise ValueError(f"--loss {name} on dict batches takes the targets from batch['labels'], which these "
+                                 f"batches lack (keys: {sorted(targets)}); pass --loss MODULE:FUNCTION")
+            targets = targets["labels"]
+        logits = _logits(outputs)
+        if key in ("cross_entropy", "nll") and logits.dim() > 2 and targets.dim() == logits.dim() - 1 \
+                and targets.shape == logits.shape[:-1]:
+            logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)  # (B, T, C) sequences
+        return fn(logits, targets)
+
+    named_loss.__qualname__ = named_loss.__name__ = key
+    return named_loss
+
+
+# --------------------------------------------------------------------------------------------------
+# hessopt analyze
+# --------------------------------------------------------------------------------------------------
+
+def analyze(args: argparse.Namespace):
+    """Run ``hessopt analyze`` for parsed ``args``; returns the :class:`hessopt.Report` it wrote."""
+    import hessopt
+
     device = _device(args.device)
     if args.trace_matvecs < 4:
         raise CLIError("--trace-matvecs must be at least 4 (Hutch++ needs a sketch and two residual samples)")
-    if not args.no_plots:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError as err:
-            raise CLIError("plots need matplotlib: pip install hessopt[plot] (or pass --no-plots)") from err
-    ckpt = load_checkpoint(args.checkpoint, device, trust=args.trust_checkpoint)
-    config = ckpt["config"]
-    dataset = args.dataset or config.get("dataset")
-    if not dataset:
-        raise CLIError("the checkpoint's config does not name the dataset: pass --dataset NAME")
-    if args.dataset and config.get("dataset") and args.dataset != config.get("dataset"):
-        print(f"hessopt analyze: note: --dataset {args.dataset} differs from the checkpoint's dataset "
-              f"{config.get('dataset')!r}", file=sys.stderr)
-    data_dir = args.data_dir
-    if data_dir is None and dataset == config.get("dataset"):
-        data_dir = config.get("data_dir")
-        if data_dir and not os.path.exists(str(data_dir)):
-            data_dir = None  # trained elsewhere (e.g. on a GPU machine): fall back to the dataset's default
-    same_data = dataset == config.get("dataset")
-    if args.stream and dataset != "imagefolder":
-        raise CLIError(f"--stream reads ImageFolder trees: it needs --dataset imagefolder, not {dataset!r}")
-    if dataset == "imagefolder" and (args.stream or (same_data and config.get("stream"))):
-        data = _StreamedData(data_dir, config if same_data else {}, args.image_size)
-    else:
-        data = _load_data(dataset, data_dir, args.cache_dir)
-    model = _build(config, args.model, data, ckpt["model"], device)
-    batches = _test_batches(data, args.batch_size, args.num_batches, device, args.seed)
-    num_samples = sum(int(y.shape[0]) for _, y in batches)
-    loss_fn = nn.CrossEntropyLoss()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    model = build_model(args).to(device)
+    data, mapping = build_data(args)
+    loss_fn = build_loss(args, mapping)
 
-    loss, acc = _loss_and_accuracy(model, loss_fn, batches, args.bn_mode)
-    op = HessianOperator(model, loss_fn, batches if len(batches) > 1 else batches[0], bn_mode=args.bn_mode)
-    n = op.num_params
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # convergence is reported in the JSON instead
-        top = top_eigenvalues(op, k=min(args.top_k, n), tol=args.tol, generator=args.seed, progress=progress)
-    timings["top_eigenvalues"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    tr = trace(op, num_matvecs=args.trace_matvecs, generator=args.seed + 1, progress=progress)
-    timings["trace"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    dens = spectral_density(op, num_runs=args.density_runs, num_steps=args.density_steps,
-                            generator=args.seed + 2, progress=progress)
-    timings["density"] = time.perf_counter() - t0
-    op.clear_cache()
-
-    report: Dict[str, Any] = {
-        "checkpoint": str(Path(args.checkpoint).resolve()),
-        "model": args.model or config.get("model"),
-        "dataset": dataset,
-        "epoch": ckpt.get("epoch"),
-        "config": {k: v for k, v in config.items() if isinstance(v, (str, int, float, bool, type(None)))},
-        "num_params": n,
-        "num_samples": num_samples,
-        "batch_size": args.batch_size,
-        "num_batches": len(batches),
-        "bn_mode": args.bn_mode,
-        "device": str(device),
-        "seed": args.seed,
-        "loss": loss,
-        "accuracy": acc,
-        "top_eigenvalues": top.to_dict(),
-        "trace": tr.to_dict(),
-        "density": dens.to_dict(),
-    }
-    table = None
-    if args.layerwise:
-        t0 = time.perf_counter()
-        blocks = None
-        if args.layerwise_filter:
-            import re
-
-            from .analysis import resolve_blocks
-
-            pattern = re.compile(args.layerwise_filter)
-            blocks = {label: names for label, names in resolve_blocks(model) if pattern.search(label)}
-            if not blocks:
-                raise CLIError(f"--layerwise-filter {args.layerwise_filter!r} matches no module")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            table = layerwise(model, loss_fn, batches, blocks=blocks, k=args.layerwise_k,
-                              trace_matvecs=args.layerwise_trace_matvecs, tol=args.tol, bn_mode=args.bn_mode,
-                              keep_eigenvectors=False, generator=args.seed, progress=progress)
-        report["layerwise"] = table.to_dict()["layers"]
-        timings["layerwise"] = time.perf_counter() - t0
-    landscapes = {}
-    if args.landscape:
-        t0 = time.perf_counter()
-        lam = float(top.eigenvalues[0])
-        dist = args.landscape_distance or (2 * math.sqrt(2 / lam) if lam > 0 else 1.0)
-        landscapes["top_eigenvector"] = loss_landscape(
-            model, loss_fn, batches, top.eigenvectors[:, :1], steps=args.landscape_steps, distance=dist,
-            bn_mode=args.bn_mode, progress=progress)
-        if args.landscape_grid:
-            landscapes["random_plane"] = loss_landscape(
-                model, loss_fn, batches, "random", num_directions=2, steps=args.landscape_grid, distance=1.0,
-                bn_mode=args.bn_mode, generator=args.seed, progress=progress)
-        report["landscape"] = {k: v.to_dict() for k, v in landscapes.items()}
-        report["landscape"]["top_eigenvector"]["eigenvalue"] = lam
-        timings["landscape"] = time.perf_counter() - t0
-
-    plots: Dict[str, str] = {}
-    if not args.no_plots:
-        from .analysis import plot_density, plot_landscape, plot_layerwise
-
-        plot_density(dens, path=out / "density.png", title=f"Hessian eigenvalue density ({report['model']})")
-        plots["density"] = "density.png"
-        if table is not None:
-            plot_layerwise(table, path=out / "layerwise.png", title="layer-wise top eigenvalue and trace")
-            plots["layerwise"] = "layerwise.png"
-        if "top_eigenvector" in landscapes:
-            plot_landscape(landscapes["top_eigenvector"], path=out / "landscape_top.png",
-                           title="loss along the top eigenvector")
-            plots["landscape_top"] = "landscape_top.png"
-        if "random_plane" in landscapes:
-            plot_landscape(landscapes["random_plane"], path=out / "landscape_random.png",
-                           title="loss on two random filter-normalized directions")
-            plots["landscape_random"] = "landscape_random.png"
-    timings["total"] = time.perf_counter() - started
-    report["plots"] = plots
-    report["timings_s"] = timings
-    (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=True))
-    (out / "report.md").write_text(_markdown(report, table))
-    return report
-
-
-def _markdown(report: Dict[str, Any], table) -> str:
-    top = report["top_eigenvalues"]
-    tr = report["trace"]
-    lines = [
-        f"# Hessian analysis: {report['model']} on {report['dataset']}",
-        "",
-        f"Checkpoint `{report['checkpoint']}` (epoch {report['epoch']}), {report['num_params']:,} parameters. "
-        f"Hessian of the mean cross-entropy over {report['num_samples']} test images (a fixed random subset, seed "
-        f"{report['seed']}) "
-        f"({report['num_batches']} batches of {report['batch_size']}), BatchNorm in {report['bn_mode']} mode, "
-        f"device {report['device']}, seed {report['seed']}. Loss {report['loss']:.4f}, accuracy "
-        f"{100 * report['accuracy']:.2f}% on these images.",
-        "",
-        "| quantity | value |",
-        "|---|---|",
-        "| top eigenvalues | " + ", ".join(f"{v:.5g}" for v in top["eigenvalues"]) + " |",
-        "| error bounds | " + ", ".join(f"{v:.2g}" for v in top["error_bounds"]) + f" (converged: {top['converged']}) |",
-        f"| trace (Hutch++, {tr['num_matvecs']} products) | {tr['estimate']:.5g} ± {tr['std_error']:.2g} |",
-        f"| density (SLQ) | {report['density']['num_matvecs']} products, σ = {report['density']['sigma']:.3g} |",
-        "",
-    ]
-    plots = report.get("plots", {})
-    if "density" in plots:
-        lines += ["## Eigenvalue density", "", f"![density]({plots['density']})", ""]
-    if table is not None:
-        lines += ["## Layer-wise spectra", "", table.to_markdown(), ""]
-        if "layerwise" in plots:
-            lines += [f"![layer-wise]({plots['layerwise']})", ""]
-    if "landscape" in report:
-        ls = report["landscape"]
-        lines += ["## Loss landscape", ""]
-        t = ls["top_eigenvector"]
-        lines += [
-            f"Along the top eigenvector (λ₁ = {t['eigenvalue']:.4g}), α in [{t['alphas'][0]:.3g}, {t['alphas'][-1]:.3g}]: "
-            f"loss from {min(t['losses']):.4f} to {max(t['losses']):.4f} (center {t['center_loss']:.4f}).",
-            "",
-        ]
-        if "landscape_top" in plots:
-            lines += [f"![landscape along the top eigenvector]({plots['landscape_top']})", ""]
-        if "random_plane" in ls:
-            lines += ["Plane of two random filter-normalized directions (Li et al. 2018), coordinates in [-1, 1]:", ""]
-            if "landscape_random" in plots:
-                lines += [f"![landscape on a random plane]({plots['landscape_random']})", ""]
-    timings = report.get("timings_s", {})
-    lines += ["## Timings", "", ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()), ""]
-    return "\n".join(lines)
+    options = dict(out=args.out, k=args.k, seed=args.seed, progress=not args.no_progress, bn_mode=args.bn_mode,
+                   density=not args.no_density, overwrite=args.overwrite, plots=not args.no_plots,
+                   tol=args.tol, trace_matvecs=args.trace_matvecs, density_steps=args.density_steps,
+                   density_runs=args.density_runs,
+                   layerwise={"k": args.layerwise_k, "trace_matvecs": args.layerwise_trace_matvecs}
+                   if args.layerwise else False,
+                   landscape={"steps": args.landscape_steps, "grid": args.landscape_grid} if args.landscape else False,
+                   metadata={"model": args.timm or args.model_fn or args.model,
+                             "weights": str(Path(args.weights or args.weights_path).resolve())
+                             if (args.weights or args.weights_path) else None,
+                             "data": args.data_fn, "loss": args.loss or ("outputs.loss" if mapping else None),
+                             "loss_form": args.loss_form})
+    accepted = inspect.signature(hessopt.report).parameters
+    target: Any = model
+    if args.matrix != "hessian":
+        if "matrix" not in accepted:
+            raise CLIError(f"--matrix {args.matrix}: this version of hessopt.report computes the Hessian only")
+        options["matrix"] = args.matrix
+    if args.loss_form == "model":
+        if "loss_form" in accepted:
+            options["loss_form"] = "model"
+        else:  # report() builds the operator itself: build it here with the loss form, for the summary
+            if args.layerwise or args.landscape:
+                raise CLIError("--loss-form model with --layerwise / --landscape needs a hessopt.report that takes "
+                               "loss_form; drop those options, or use a loss(outputs, targets)")
+            if args.matrix != "hessian":
+                raise CLIError("--loss-form model is supported with --matrix hessian only")
+            target = hessopt.HessianOperator(model, loss_fn, data, bn_mode=args.bn_mode, loss_form="model")
+            for key in ("bn_mode", "layerwise", "landscape"):
+                options.pop(key)
+            loss_fn, data = None, None
+    try:
+        return hessopt.report(target, loss_fn, data, **options)
+    except FileExistsError as err:
+        raise CLIError(f"{err} (--overwrite)") from err
+    except (ValueError, TypeError, ImportError) as err:
+        raise CLIError(f"{type(err).__name__}: {err}{_where(err)}") from err
+    except RuntimeError as err:  # typically the user's model on the user's data (shapes, dtypes, devices)
+        raise CLIError(f"the analysis failed: {type(err).__name__}: {str(err)[:800]}{_where(err)} "
+                       "(--debug shows the traceback)") from err
 
 
 if __name__ == "__main__":  # python -m hessopt.cli

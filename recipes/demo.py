@@ -4,8 +4,9 @@
    8x8 digits (1,797 real images, shipped inside scikit-learn: no download) with AdaHessian (Hessian
    every step, and every 5th step), and with AdamW: same epochs, same data order, through the
    image-classification recipe (recipes/image_classification/train.py).
-2. Analyze the AdaHessian model's Hessian on held-out images with `hessopt analyze`: top-5
-   eigenvalues (Lanczos), trace with its standard error (Hutch++), spectral density (SLQ).
+2. Analyze the AdaHessian model's Hessian on held-out images with the recipe's checkpoint adapter
+   (recipes/image_classification/analyze.py, which calls `hessopt.report`): top-5 eigenvalues
+   (Lanczos), trace with its standard error (Hutch++), spectral density (SLQ).
 3. Print a table (final accuracy, time per epoch) and the curvature summary; everything is under
    --out (default runs/demo): results.json, the analysis report (report.json, report.md, PNG plots)
    and each run's metrics, checkpoint and training plots.
@@ -24,7 +25,7 @@ sys.path.insert(0, str(ROOT / "recipes" / "image_classification"))
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402  (the recipe, imported as a module)
-from hessopt import cli  # noqa: E402
+from recipes.image_classification import analyze  # noqa: E402
 
 OPTIMIZERS = {
     # the AdaHessian paper's defaults (lr 0.15, eps 1e-4) and AdamW's usual ones, decoupled weight decay both
@@ -65,22 +66,21 @@ def main(argv=None) -> dict:
     analysis = out / "analysis"
     cmd = [str(out / "adahessian" / "checkpoint.pt"), "--out", str(analysis), "--device", args.device,
            "--batch-size", "256", "--num-batches", "1", "--top-k", "5", "--trace-matvecs", "99",
-           "--density-steps", "60", "--density-runs", "2", "--seed", str(args.seed)]
-    print(f"\n=== curvature of the AdaHessian model: hessopt analyze {' '.join(cmd)}")
-    if cli.main(["analyze", *cmd]) != 0:
-        raise SystemExit("hessopt analyze failed")
-    report = json.loads((analysis / "report.json").read_text())
+           "--density-steps", "60", "--density-runs", "2", "--seed", str(args.seed), "--overwrite"]
+    print(f"\n=== curvature of the AdaHessian model: python recipes/image_classification/analyze.py {' '.join(cmd)}")
+    if analyze.main(cmd) != 0:
+        raise SystemExit("the analysis failed")
+    report = json.loads((analysis / "report.json").read_text())["summary"]
 
     print("\noptimizer       val acc   val loss   s/epoch")
     for r in runs:
         print(f"{r['optimizer']:<14} {100 * r['val_acc']:6.2f}%   {r['val_loss']:.4f}   {r['time_per_epoch_s']:7.2f}")
-    eig, tr = report["top_eigenvalues"], report["trace"]
     print("\nHessian of the AdaHessian model (256 held-out digits, BatchNorm in eval mode):")
-    print("  top-5 eigenvalues  " + "  ".join(f"{v:.4g}" for v in eig["eigenvalues"]))
-    print("  residuals          " + "  ".join(f"{v:.1e}" for v in eig["residuals"]))
-    print(f"  trace              {tr['estimate']:.4g} +- {tr['std_error']:.2g} (Hutch++, {tr['num_matvecs']} matvecs)")
-    summary = {"runs": runs, "top_eigenvalues": eig["eigenvalues"], "trace": tr["estimate"],
-               "trace_std_error": tr["std_error"], "analysis_dir": str(analysis)}
+    print("  top-5 eigenvalues  " + "  ".join(f"{v:.4g}" for v in report["top_eigenvalues"]))
+    print("  error bounds       " + "  ".join(f"{v:.1e}" for v in report["eigenvalue_error_bounds"]))
+    print(f"  trace              {report['trace']:.4g} +- {report['trace_std_error']:.2g} (Hutch++, 99 matvecs)")
+    summary = {"runs": runs, "top_eigenvalues": report["top_eigenvalues"], "trace": report["trace"],
+               "trace_std_error": report["trace_std_error"], "analysis_dir": str(analysis)}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     pngs = sorted(p.name for p in analysis.glob("*.png"))
     print(f"\nwrote {out / 'results.json'}, {analysis / 'report.md'} and plots {', '.join(pngs)}")

@@ -1,4 +1,4 @@
-"""hessopt.zoo: models, data sets (on tiny synthetic copies) and the on-device loader."""
+"""recipes.common (the recipes' models and data): models, data sets (on tiny synthetic copies) and the on-device loader."""
 import io
 import os
 import pickle
@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hessopt.zoo import CIFAR10_CLASSES, DeviceLoader, ImageData, build_model, load_dataset
-from hessopt.zoo import data as zoo_data
-from hessopt.zoo.models import CifarResNet, _ZeroPadShortcut
+from recipes.common import CIFAR10_CLASSES, DeviceLoader, ImageData, build_model, load_dataset
+from recipes.common import data as zoo_data
+from recipes.common.models import CifarResNet, _ZeroPadShortcut
 
 PIL = pytest.importorskip("PIL.Image")
 

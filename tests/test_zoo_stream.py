@@ -1,4 +1,5 @@
-"""hessopt.zoo.stream (FolderLoader) on tiny ImageFolder trees, the recipe's --stream, and `hessopt analyze` on it.
+"""recipes.common.stream (FolderLoader) on tiny ImageFolder trees, the recipe's --stream, and its analysis
+(recipes/image_classification/analyze.py) on it.
 
 The trees hold images of two sizes (WxH 20x24 and 30x18), which the in-memory loader refuses; the
 oracles are torchvision's own transforms applied to the files, and the loader's own runs under
@@ -18,10 +19,10 @@ from PIL import Image  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 from torchvision.datasets import ImageFolder  # noqa: E402
 
-from hessopt.cli import analysis_subset  # noqa: E402
-from hessopt.cli import main as cli_main  # noqa: E402
-from hessopt.zoo import IMAGENET_MEAN, IMAGENET_STD, FolderLoader, build_model, fixed_batch, image_folders  # noqa: E402
-from hessopt.zoo.stream import image_seed  # noqa: E402
+from recipes.image_classification.analyze import main as cli_main  # noqa: E402
+from recipes.image_classification.checkpoint import analysis_subset  # noqa: E402
+from recipes.common import IMAGENET_MEAN, IMAGENET_STD, FolderLoader, build_model, fixed_batch, image_folders  # noqa: E402
+from recipes.common.stream import image_seed  # noqa: E402
 
 CLASSES = ("ant", "bee", "cat")  # written in another order below; ImageFolder sorts them
 SIZE = 16
@@ -233,7 +234,7 @@ def test_errors_say_what_to_do(tmp_path, splits):
 
 
 # --------------------------------------------------------------------------------------------------
-# the recipe and `hessopt analyze`
+# the recipe and its analysis
 
 
 def _recipe():
@@ -307,12 +308,13 @@ def test_recipe_stream_errors(recipe_runs, tree):
 def test_analyze_reads_a_streamed_checkpoint_through_the_eval_transform(recipe_runs, tree, tmp_path, capsys):
     _, out, _ = recipe_runs
     report_dir = tmp_path / "report"
-    rc = cli_main(["analyze", str(out / "split" / "checkpoint.pt"), "--out", str(report_dir), "--device", "cpu",
+    rc = cli_main([str(out / "split" / "checkpoint.pt"), "--out", str(report_dir), "--device", "cpu",
                    "--batch-size", "4", "--num-batches", "2", "--top-k", "1", "--trace-matvecs", "4",
                    "--density-steps", "4", "--no-plots", "--no-progress"])
     assert rc == 0  # the in-memory loader would refuse these mixed-size images
     report = json.loads((report_dir / "report.json").read_text())
-    assert report["dataset"] == "imagefolder" and report["num_samples"] == 8 and report["epoch"] == 3
+    meta = report["metadata"]
+    assert meta["dataset"] == "imagefolder" and meta["num_samples"] == 8 and meta["epoch"] == 3
     # the same loss by hand: the analysis subset of val/, torchvision's eval transform, BN in eval mode
     ckpt = torch.load(out / "split" / "checkpoint.pt", weights_only=False)
     model = build_model("digits_cnn", 3, in_chans=3)
@@ -325,8 +327,8 @@ def test_analyze_reads_a_streamed_checkpoint_through_the_eval_transform(recipe_r
     y = torch.tensor([val.targets[i] for i in idx])
     with torch.no_grad():
         loss = float(torch.nn.functional.cross_entropy(model(x), y))
-    assert report["loss"] == pytest.approx(loss, rel=1e-5)
+    assert report["summary"]["loss"] == pytest.approx(loss, rel=1e-5)
     capsys.readouterr()
-    assert cli_main(["analyze", str(out / "split"), "--dataset", "digits", "--stream", "--out",
+    assert cli_main([str(out / "split"), "--dataset", "digits", "--stream", "--out",
                      str(tmp_path / "bad"), "--no-plots", "--no-progress", "--device", "cpu"]) == 2
     assert "--stream reads ImageFolder trees: it needs --dataset imagefolder" in capsys.readouterr().err

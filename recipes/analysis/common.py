@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -14,7 +15,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from hessopt.zoo import DeviceLoader, load_dataset
+if str(Path(__file__).resolve().parents[2]) not in sys.path:  # the repository root: `recipes.common`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from recipes.common import DeviceLoader, load_dataset  # noqa: E402
 
 
 def pick_device(name: str) -> torch.device:

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from hessopt.analysis import eigenspace_overlap, kronecker_factors, low_rank_structure  # noqa: E402
-from hessopt.zoo import build_model, load_dataset  # noqa: E402
+from recipes.common import build_model, load_dataset  # noqa: E402
 
 
 class MLP(nn.Module):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Ghorbani, Krishnan & Xiao (ICML 2019): Hessian outliers and gradient concentration, with and without BN.
 
-Trains a CIFAR ResNet with and without BatchNorm (:func:`hessopt.zoo.build_model`) and, every
+Trains a CIFAR ResNet with and without BatchNorm (:func:`recipes.common.build_model`) and, every
 ``--every`` steps (and at initialization), measures on a fixed set of training images:
 
 * the top-``k`` Hessian eigenvalues (k = 10 = number of classes; Lanczos, residual-checked);
@@ -44,7 +44,7 @@ import common  # noqa: E402
 
 import hessopt  # noqa: E402
 from hessopt.analysis import gradient_concentration  # noqa: E402
-from hessopt.zoo import build_model  # noqa: E402
+from recipes.common import build_model  # noqa: E402
 
 
 def measure(model, batches, args, step, epoch):

@@ -2,7 +2,7 @@
 """PyHessian (Yao et al. 2020, section 4): does BatchNorm smooth the landscape? do residual connections?
 
 Trains CIFAR ResNets of several depths in four variants (BatchNorm on/off x residual connections
-on/off, built by :func:`hessopt.zoo.build_model`) for a few epochs on CIFAR-10, then measures the
+on/off, built by :func:`recipes.common.build_model`) for a few epochs on CIFAR-10, then measures the
 Hessian of the training loss on a fixed set of training images (no augmentation, BatchNorm with
 running statistics): top eigenvalue (Lanczos, residual-checked), trace (Hutch++, with standard
 error) and the eigenvalue density (SLQ). PyHessian's finding to test: without BN, shallow nets are
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import hessopt  # noqa: E402
-from hessopt.zoo import build_model  # noqa: E402
+from recipes.common import build_model  # noqa: E402
 
 
 def main(argv=None):

@@ -18,7 +18,7 @@ Commands (from the repository root):
     # several processes (DDP; gloo on CPU, nccl on GPU); --batch-size is the global batch
     torchrun --nproc_per_node=2 recipes/image_classification/train.py --dataset digits --epochs 2 --output-dir runs/ddp
 
-    # ImageNet-size train/ + val/ JPEG trees: streamed by DataLoader workers (hessopt.zoo.FolderLoader)
+    # ImageNet-size train/ + val/ JPEG trees: streamed by DataLoader workers (recipes.common.FolderLoader)
     torchrun --nproc_per_node=8 recipes/image_classification/train.py --dataset imagefolder --stream \
         --data-dir /data/imagenet --model resnet50 --image-size 224 --workers 8 --opt adahessian \
         --batch-size 256 --eval-batch-size 250 --epochs 90 --output-dir runs/imagenet_ah
@@ -50,14 +50,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    import hessopt
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    import hessopt
-from hessopt.monitor import CurvatureMonitor, plot_run, read_jsonl
-from hessopt.zoo import (IMAGENET_MEAN, IMAGENET_STD, DeviceLoader, FolderLoader, build_model, fixed_batch,
-                         image_folders, load_dataset)
+_ROOT = str(Path(__file__).resolve().parents[2])
+if _ROOT not in sys.path:  # the repository root: `recipes.common` (and hessopt without `pip install -e .`)
+    sys.path.insert(0, _ROOT)
+import hessopt  # noqa: E402
+from hessopt.monitor import CurvatureMonitor, read_jsonl  # noqa: E402
+from recipes.common import (IMAGENET_MEAN, IMAGENET_STD, DeviceLoader, FolderLoader, build_model,  # noqa: E402
+                            fixed_batch, image_folders, load_dataset)
+from recipes.common.plotting import plot_run  # noqa: E402
 
 
 def _opt(default: Any, help: str, **argparse_kwargs: Any) -> Any:
@@ -72,7 +72,7 @@ class Config:
     data_dir: Optional[str] = _opt(None, "data location (cifar10: pickles, JPEG folders or the .tar.xz; default ../shared/data)", type=str)
     cache_dir: Optional[str] = _opt(None, "where decoded CIFAR-10 arrays are cached (default ~/.cache/hessopt)", type=str)
     model: Optional[str] = _opt(None, "cifar_resnet20/32/38/56, digits_cnn, or a timm model (default cifar_resnet20)", type=str)
-    batchnorm: bool = _opt(True, "keep BatchNorm layers (--no-batchnorm removes them; zoo models only)", type=bool)
+    batchnorm: bool = _opt(True, "keep BatchNorm layers (--no-batchnorm removes them; the recipes' own models only)", type=bool)
     residual: bool = _opt(True, "keep residual connections (--no-residual: plain network; CIFAR ResNets)", type=bool)
     augment: Optional[bool] = _opt(None, "random crop (padding 4) + flip; with --stream RandomResizedCrop + flip (default: on for cifar10/imagefolder, off for digits)", type=bool)
     stream: bool = _opt(False, "imagefolder only: stream JPEGs with DataLoader workers instead of decoding the set into memory; for ImageNet-size trees", type=bool)

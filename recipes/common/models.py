@@ -1,4 +1,4 @@
-r"""Image-classification models shared by the recipes and ``hessopt analyze``.
+r"""Image-classification models shared by the recipes (and their checkpoint analysis).
 
 * ``cifar_resnet20/32/38/56`` (any ``cifar_resnet<6n+2>``): the CIFAR ResNets of He, Zhang, Ren &
   Sun (CVPR 2016, section 4.2): a 3x3 convolution with 16 channels, three stages of ``n`` basic
@@ -36,7 +36,7 @@ from torch import nn
 
 __all__ = ["build_model", "CifarResNet", "DigitsCNN", "ZOO_MODELS"]
 
-#: the model names hessopt builds itself (anything else goes to timm)
+#: the model names this module builds itself (anything else goes to timm)
 ZOO_MODELS = ("cifar_resnet20", "cifar_resnet32", "cifar_resnet38", "cifar_resnet56", "digits_cnn")
 
 _CIFAR_RESNET = re.compile(r"^cifar_resnet(\d+)$")
@@ -188,8 +188,8 @@ def build_model(
             none, so it ignores the switch).
 
     Example:
-        >>> model = hessopt.zoo.build_model("cifar_resnet20", num_classes=10)
-        >>> plain = hessopt.zoo.build_model("cifar_resnet56", 10, batchnorm=False, residual=False)
+        >>> model = recipes.common.build_model("cifar_resnet20", num_classes=10)
+        >>> plain = recipes.common.build_model("cifar_resnet56", 10, batchnorm=False, residual=False)
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"the model name must be a non-empty string, got {name!r}")
@@ -214,7 +214,7 @@ def _timm_model(name: str, num_classes: int, in_chans: int, batchnorm: bool, res
         import timm
     except ImportError as err:
         raise ImportError(
-            f"{name!r} is not a hessopt zoo model ({', '.join(ZOO_MODELS)}), so it would come from "
+            f"{name!r} is not one of the recipes' own models ({', '.join(ZOO_MODELS)}), so it would come from "
             "timm, which is not installed: pip install hessopt[timm]"
         ) from err
     try:

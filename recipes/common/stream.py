@@ -1,6 +1,6 @@
 r"""Stream large ImageFolder trees (ImageNet layout) with DataLoader workers, reproducibly.
 
-:class:`hessopt.zoo.DeviceLoader` keeps a whole data set on the device as uint8; that is the
+:class:`recipes.common.DeviceLoader` keeps a whole data set on the device as uint8; that is the
 right thing for CIFAR-10 (180 MB) and impossible for ImageNet (1.28 M JPEGs of different sizes,
 hundreds of GB decoded). :class:`FolderLoader` reads such trees image by image: a
 ``torchvision.datasets.ImageFolder`` finds the files and decodes them, a
@@ -88,7 +88,7 @@ def image_folders(root: Union[str, Path]):
 
     ``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``root/test/``). Classes are the
     training folder's sub-folders in sorted order (``ImageFolder``'s rule, and
-    :func:`hessopt.zoo.load_dataset`'s); the held-out split's labels use the same class indices,
+    :func:`recipes.common.load_dataset`'s); the held-out split's labels use the same class indices,
     and it may lack classes but not have extra ones. Empty class folders count as classes, as in
     the in-memory loader. The data sets carry no transform: :class:`FolderLoader` adds its own.
 
@@ -375,7 +375,7 @@ def _check_folder(dataset) -> None:
     if not isinstance(dataset, _torchvision().datasets.DatasetFolder):
         raise TypeError(
             f"expected a torchvision.datasets.ImageFolder, got {type(dataset).__name__}; build the splits of a "
-            "train/ + val/ tree with hessopt.zoo.image_folders(root)"
+            "train/ + val/ tree with recipes.common.image_folders(root)"
         )
     if dataset.transform is not None or dataset.target_transform is not None:
         raise ValueError("FolderLoader applies its own (seeded) transforms: build the ImageFolder without transform")

@@ -29,7 +29,7 @@ __all__ = ["DeviceLoader", "ShardedEpochs"]
 
 
 class ShardedEpochs:
-    """The epoch bookkeeping :class:`DeviceLoader` and :class:`hessopt.zoo.FolderLoader` share:
+    """The epoch bookkeeping :class:`DeviceLoader` and :class:`recipes.common.FolderLoader` share:
     sizes, the ``{"seed", "epoch"}`` state and the per-epoch generator.
 
     Subclasses set ``batch_size``, ``local_batch_size``, ``drop_last``, ``seed``, ``epoch``,
@@ -119,7 +119,7 @@ class DeviceLoader(ShardedEpochs):
     Iterating yields ``(x, y)`` for one epoch and then advances :attr:`epoch` by one.
 
     Example:
-        >>> data = hessopt.zoo.load_dataset("cifar10")
+        >>> data = recipes.common.load_dataset("cifar10")
         >>> train = DeviceLoader(data.train_x, data.train_y, 256, data.mean, data.std,
         ...                      shuffle=True, augment=True, device="cuda")
         >>> for x, y in train: ...

@@ -1,4 +1,8 @@
-"""Models and data shared by the training recipes and ``hessopt analyze``.
+"""Models and data shared by the training recipes (not part of the ``hessopt`` package).
+
+Imported as ``from recipes.common import ...`` with the repository root on ``sys.path`` (the recipe
+scripts, benchmarks and tests put it there); the recipes' checkpoints are analyzed through
+``recipes/image_classification/analyze.py``.
 
 * :func:`build_model` — CIFAR ResNets (with switches for BatchNorm and residual connections), a
   tiny ``digits_cnn``, or any timm model.
@@ -12,7 +16,7 @@
   gives held-out images for curvature monitoring. Needs torchvision.
 
 Example:
-    >>> from hessopt.zoo import build_model, load_dataset, DeviceLoader
+    >>> from recipes.common import build_model, load_dataset, DeviceLoader
     >>> data = load_dataset("digits")
     >>> model = build_model("cifar_resnet20", data.num_classes, in_chans=data.in_chans)
     >>> loader = DeviceLoader(data.train_x, data.train_y, 64, data.mean, data.std, shuffle=True)

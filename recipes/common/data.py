@@ -3,7 +3,7 @@ r"""Image data sets as uint8 tensors in memory: the 8x8 digits, CIFAR-10, and sm
 :func:`load_dataset` returns an :class:`ImageData`: ``uint8`` images of shape ``(N, C, H, W)``,
 ``int64`` labels, and the per-channel mean and standard deviation of the training images (in
 ``[0, 1]`` units) for normalization. Keeping the raw bytes in memory (and on the GPU, see
-:class:`hessopt.zoo.DeviceLoader`) makes the data pipeline cost nothing next to a training step:
+:class:`recipes.common.DeviceLoader`) makes the data pipeline cost nothing next to a training step:
 CIFAR-10 is 180 MB as uint8.
 
 Sources:
@@ -33,7 +33,7 @@ Sources:
   downsampled ImageNet) and the decoded set must fit in memory (refused above
   ``HESSOPT_MAX_IMAGEFOLDER_GB``, default 16 GB). Full-resolution ImageNet does not fit: stream it
   instead, with ``--stream`` in ``recipes/image_classification/train.py`` or, from Python,
-  :class:`hessopt.zoo.FolderLoader` (JPEGs decoded by ``DataLoader`` workers, images of any size,
+  :class:`recipes.common.FolderLoader` (JPEGs decoded by ``DataLoader`` workers, images of any size,
   resized and cropped by the standard ImageNet transforms).
 """
 from __future__ import annotations
@@ -109,7 +109,7 @@ def load_dataset(name: str, data_dir: Optional[str] = None, cache_dir: Optional[
     """Load ``digits``, ``cifar10`` or ``imagefolder`` as uint8 tensors (see the module docstring).
 
     Example:
-        >>> data = hessopt.zoo.load_dataset("digits")
+        >>> data = recipes.common.load_dataset("digits")
         >>> data.train_x.shape, data.num_classes
         (torch.Size([1437, 1, 8, 8]), 10)
     """
@@ -364,7 +364,7 @@ def _cached(source: Path, cache_dir: Optional[str], build) -> ImageData:
 # ImageFolder
 
 _STREAM_HINT = ("stream the JPEGs instead: --stream in recipes/image_classification/train.py, or "
-                "hessopt.zoo.FolderLoader from Python (any image size, DataLoader workers)")
+                "recipes.common.FolderLoader from Python (any image size, DataLoader workers)")
 
 
 def _load_imagefolder(root: Path) -> ImageData:
