@@ -6,15 +6,19 @@ from .hvp import hvp, hvp_from_grads, second_order_safe
 from .operators import (
     CurvatureOperator,
     DistributedOperatorError,
+    EmpiricalFisherOperator,
+    GGNOperator,
     HessianOperator,
     LambdaOperator,
     MatrixOperator,
     NonFiniteCurvatureError,
 )
+from .solve import SolveResult, solve
 from .estimators import diagonal, trace
 from .results import CurvatureSummary, EigenResult, LanczosResult, SpectralDensity, TraceResult
 from .spectrum import lanczos, spectral_density, top_eigenvalues
-from .optim import AdaHessian, GradientCurvature, Hutchinson, SecondOrderGraphError
+from .optim import (AdaHessian, FiniteDifference, GaussNewtonBartlett, GradientCurvature, Hutchinson, NonFiniteError,
+                    SecondOrderGraphError, Sophia)
 from .summary import curvature_summary
 from .monitor import CurvatureMonitor
 from .report import Report, report
@@ -29,10 +33,15 @@ __all__ = [
     # operators
     "CurvatureOperator",
     "HessianOperator",
+    "GGNOperator",
+    "EmpiricalFisherOperator",
     "MatrixOperator",
     "LambdaOperator",
     "NonFiniteCurvatureError",
     "DistributedOperatorError",
+    # linear solves
+    "solve",
+    "SolveResult",
     # estimators
     "trace",
     "diagonal",
@@ -42,9 +51,13 @@ __all__ = [
     "spectral_density",
     # optim
     "AdaHessian",
+    "Sophia",
     "Hutchinson",
+    "GaussNewtonBartlett",
+    "FiniteDifference",
     "GradientCurvature",
     "SecondOrderGraphError",
+    "NonFiniteError",
     # diagnostics: one summary, the monitor, the report
     "curvature_summary",
     "CurvatureMonitor",

@@ -84,7 +84,7 @@ def test_closure_and_explicit_modes_give_identical_trajectories(update_each):
             assert torch.equal(p, q) and torch.equal(p, r)
     assert needs == [(t % update_each == 0) for t in range(7)]  # steps 1, 4, 7 for update_each=3
     p0 = next(models[0].parameters())
-    assert opts[0].state[p0]["hessian_step"] == len(range(0, 7, update_each))
+    assert opts[0].state[p0]["curvature_updates"] == len(range(0, 7, update_each))
     assert opts[0].state[p0]["step"] == 7
 
 
@@ -175,7 +175,7 @@ def test_closure_backward_variants_all_build_the_graph(call):
         return loss
 
     opt.step(closure)
-    assert graph == [True] and opt.state[model[0].weight]["hessian_step"] == 1
+    assert graph == [True] and opt.state[model[0].weight]["curvature_updates"] == 1
 
 
 def test_parameter_without_hessian_is_not_stepped_until_its_first_estimate():
@@ -196,10 +196,10 @@ def test_parameter_without_hessian_is_not_stepped_until_its_first_estimate():
 
     opt.step(both)  # step 2: no Hessian step; `late` has a gradient but no curvature yet
     assert all(torch.equal(p, b) for p, b in zip(late.parameters(), before))
-    assert opt.state[late.weight]["hessian_step"] == 0 and opt.state[late.weight]["step"] == 0
+    assert opt.state[late.weight]["curvature_updates"] == 0 and opt.state[late.weight]["step"] == 0
     assert opt.needs_hessian  # off schedule, because `late` has none
     opt.step(both)
-    assert opt.state[late.weight]["hessian_step"] == 1 and opt.state[late.weight]["step"] == 1
+    assert opt.state[late.weight]["curvature_updates"] == 1 and opt.state[late.weight]["step"] == 1
     assert not torch.equal(late.weight, before[0]) and torch.isfinite(late.weight).all()
     assert not opt.needs_hessian  # back on schedule (global step 3, next Hessian at 5)
 
@@ -221,12 +221,13 @@ def test_hessian_step_without_graph_raises_and_changes_nothing():
     _assert_same_state(_frozen_state(opt), state)
     assert isinstance(SecondOrderGraphError("x"), ValueError)  # catchable as the validation error it is
     _explicit_step(opt, model, x, y, create_graph=True)  # and the run goes on
-    assert opt.state[model[0].weight]["hessian_step"] == 2
+    assert opt.state[model[0].weight]["curvature_updates"] == 2
 
 
-def test_parameter_that_stops_receiving_gradients_costs_at_most_one_extra_hessian_step():
-    """`late` appears on a lazy step and is never used again: one off-schedule Hessian step (its
-    gradient is gone by then), then the schedule holds instead of a Hessian on every step."""
+def test_parameter_that_stops_receiving_gradients_costs_at_most_update_each_minus_one_extra_hessian_steps():
+    """`late` appears on a lazy step and is never used again: it waits for an estimate for
+    update_each - 1 more steps (all curvature steps, so that a parameter used on every other step
+    gets one), then the schedule holds instead of a Hessian on every step."""
     x, y = _data()
     model = _mlp()
     late = nn.Linear(4, 1).double()
@@ -241,13 +242,13 @@ def test_parameter_that_stops_receiving_gradients_costs_at_most_one_extra_hessia
 
     opt.step(both)  # step 2: lazy; `late` gets state but no estimate
     assert opt.needs_hessian
-    opt.step(_closure(opt, model, x, y))  # step 3: the extra Hessian step; `late` unused (no gradient)
-    assert opt.state[late.weight]["hessian_step"] == 0
+    opt.step(_closure(opt, model, x, y))  # step 3: an extra Hessian step; `late` unused (no gradient)
+    assert opt.state[late.weight]["curvature_updates"] == 0
     schedule = []
-    for _ in range(6):  # steps 4..9: Hessian only on the schedule (step 5 and 9), not every step
+    for _ in range(6):  # steps 4..9: extra Hessian steps 4 and 6, then only the schedule (5 and 9)
         schedule.append(opt.needs_hessian)
         opt.step(_closure(opt, model, x, y))
-    assert schedule == [False, True, False, False, False, True]
+    assert schedule == [True, True, True, False, False, True]
 
 
 def test_closure_whose_loss_is_linear_in_every_parameter_gets_its_own_message():
@@ -331,7 +332,7 @@ def test_grad_scaler_overflow_step_is_skipped_without_touching_state():
     opt.zero_grad()
     scaler.scale(F.mse_loss(model(x), y)).backward(create_graph=True)
     scaler.step(opt)
-    assert opt.state[model[0].weight]["hessian_step"] == 2
+    assert opt.state[model[0].weight]["curvature_updates"] == 2
 
 
 def test_grad_scaler_unscale_before_hessian_step_raises_and_cleans_up():
@@ -385,7 +386,7 @@ def test_bf16_autocast_trains_in_both_modes():
                 opt.step()
         assert losses[-1] < 0.8 * losses[0], (mode, losses)
         state = opt.state[model[0].weight]
-        assert state["hessian_step"] == 15 and torch.isfinite(state["exp_hessian_diag_sq"]).all()
+        assert state["curvature_updates"] == 15 and torch.isfinite(state["exp_hessian_diag_sq"]).all()
 
 
 # -- attention, compile -----------------------------------------------------------------------------
@@ -412,7 +413,7 @@ def test_transformer_encoder_trains_in_closure_mode():
 
         losses.append(opt.step(closure).item())
     assert losses[-1] < 0.7 * losses[0], losses
-    assert all(s["hessian_step"] == 12 for p, s in opt.state.items() if isinstance(p, torch.Tensor))
+    assert all(s["curvature_updates"] == 12 for p, s in opt.state.items() if isinstance(p, torch.Tensor))
 
 
 def test_explicit_mode_through_fused_attention_says_what_to_do():

@@ -148,7 +148,7 @@ def test_fairseq_driving_equals_adahessian_on_the_mean_loss(update_each):
         torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(plugin.optimizer.state[p]["exp_hessian_diag_sq"],
                                    reference.state[r]["exp_hessian_diag_sq"], rtol=1e-10, atol=1e-14)
-    assert plugin.optimizer.state[next(model_p.parameters())]["hessian_step"] == (4 if update_each == 1 else 2)
+    assert plugin.optimizer.state[next(model_p.parameters())]["curvature_updates"] == (4 if update_each == 1 else 2)
 
 
 def test_forward_between_zero_grad_and_step_is_second_order_safe():

@@ -97,7 +97,7 @@ def test_dummy_mt_trains_with_update_freq_clipping_and_inverse_sqrt(tmp_path):
     glob = opt["param_groups"][0]["adahessian"]
     assert glob["step"] == 3 and glob["generator_states"], "global step and probe generator state saved"
     per_param = list(opt["state"].values())
-    assert per_param and all(s["hessian_step"] == 3 for s in per_param)
+    assert per_param and all(s["curvature_updates"] == 3 for s in per_param)
     assert all(torch.isfinite(s["exp_hessian_diag_sq"]).all() and s["exp_hessian_diag_sq"].abs().sum() > 0
                for s in per_param)
     # inverse_sqrt after 3 updates with 2 warm-up updates: lr * sqrt(warmup / num_updates)

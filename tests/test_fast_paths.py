@@ -466,9 +466,9 @@ def test_adahessian_multi_tensor_path_matches_reference_loop():
         assert torch.equal(p, q)
         s0, s1 = o0.state[p], o1.state[q]
         assert torch.equal(s0["exp_hessian_diag_sq"], s1["exp_hessian_diag_sq"])
-        assert (s0["hessian_step"], s0["nonfinite_hessian_skips"]) == (s1["hessian_step"], s1["nonfinite_hessian_skips"])
+        assert (s0["curvature_updates"], s0["nonfinite_curvature"]) == (s1["curvature_updates"], s1["nonfinite_curvature"])
     first = next(m0.parameters())
-    assert o0.state[first]["nonfinite_hessian_skips"] == 1 and o0.state[first]["hessian_step"] == 3
+    assert o0.state[first]["nonfinite_curvature"] == 1 and o0.state[first]["curvature_updates"] == 3
 
 
 def test_finite_flags():

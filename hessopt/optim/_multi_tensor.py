@@ -1,67 +1,86 @@
-"""Multi-tensor (``torch._foreach_*``) versions of AdaHessian's per-parameter bookkeeping.
-
-A Hessian step touches every parameter tensor a few times outside the HVP: a finiteness check of
-``z * Hz``, its absolute value, spatial averaging, and the second-moment update. Done tensor by
-tensor that is ~7 kernel launches per parameter tensor (about 400 for a ResNet20, 1100 for a
-ResNet50), each tiny; here it is a handful of multi-tensor launches plus one per averaged
-(convolution or block-averaged) tensor. The per-tensor loops in :mod:`hessopt.optim.adahessian`
-stay the reference; tests check that both give the same trajectory.
+"""Pieces the optimizers' kernels share: grouping by device and dtype, finiteness flags with one
+host transfer, bias corrections, the clipped preconditioned step, and the all-or-nothing commit.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .averaging import average_curvature
+__all__ = ["by_device_and_dtype", "finite_flags", "curvature_flags", "commit_parameter_updates",
+           "overflow_limit"]
 
-__all__ = ["finite_flags", "update_hessian_moments"]
 
-
-def _by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> Dict[Tuple[torch.device, torch.dtype], List[int]]:
+def by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> Dict[Tuple[torch.device, torch.dtype], List[int]]:
+    """Indices of ``tensors`` by (device, dtype): the multi-tensor kernels take one of each per call."""
     groups: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault((t.device, t.dtype), []).append(i)
     return groups
 
 
-def finite_flags(tensors: Sequence[torch.Tensor]) -> List[bool]:
-    """Whether each tensor is entirely finite, with one device-to-host transfer for all of them.
-
-    ``sum |0 * t|`` is 0 for a finite ``t`` and NaN as soon as one entry is NaN or infinite (a
-    plain norm of ``t`` could overflow to infinity on finite float16 values).
-    """
-    if not tensors:
-        return []
+def _max_abs(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """``max |t|`` of each tensor as a float32 scalar on the first tensor's device (NaN if any is NaN)."""
     device = tensors[0].device
-    sums: List[Optional[torch.Tensor]] = [None] * len(tensors)
-    for (_, _), idx in _by_device_and_dtype(tensors).items():
+    out: List[Optional[torch.Tensor]] = [None] * len(tensors)
+    for idx in by_device_and_dtype(tensors).values():
         batch = [tensors[i] for i in idx]
-        for i, s in zip(idx, torch._foreach_norm(torch._foreach_mul(batch, 0.0), 1)):
-            sums[i] = s.to(device=device, dtype=torch.float32)
-    return torch.isfinite(torch.stack(sums)).tolist()  # type: ignore[arg-type]
+        empty = [t.numel() == 0 for t in batch]
+        live = [t for t, e in zip(batch, empty) if not e]
+        norms = iter(torch._foreach_norm(live, float("inf")) if live else [])
+        for i, e in zip(idx, empty):
+            out[i] = torch.zeros((), device=device) if e else next(norms).to(device=device, dtype=torch.float32)
+    return out  # type: ignore[return-value]
 
 
-def update_hessian_moments(
-    moments: Sequence[torch.Tensor],
-    estimates: Sequence[torch.Tensor],
-    beta2: float,
-    averaging: str,
-    block_length: Optional[int],
-) -> None:
-    r"""``v <- b2 v + (1 - b2) average(|d|)^2`` for every pair, in place, with multi-tensor kernels.
+def finite_flags(tensors: Sequence[Optional[torch.Tensor]]) -> List[bool]:
+    """Whether each tensor is entirely finite (``None`` counts as finite), with one host transfer.
 
-    Equal to the per-tensor update of :class:`hessopt.AdaHessian` (same operations, same order).
+    ``max |t|`` is infinite or NaN exactly when an entry is (no overflow: no arithmetic is done).
     """
-    if not moments:
-        return
-    for idx in _by_device_and_dtype(list(moments)).values():
-        vs = [moments[i] for i in idx]
-        ds = list(torch._foreach_abs([estimates[i] for i in idx]))
-        for j, d in enumerate(ds):
-            averaged = average_curvature(d, averaging, block_length)
-            if averaged is not d:
-                # averaging returns a broadcast view; the multi-tensor kernels need dense tensors
-                ds[j] = averaged.contiguous()
-        torch._foreach_mul_(vs, beta2)
-        torch._foreach_addcmul_(vs, ds, ds, value=1 - beta2)
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return [True] * len(tensors)
+    flags = iter(torch.isfinite(torch.stack(_max_abs(present))).tolist())
+    return [True if t is None else next(flags) for t in tensors]
+
+
+def overflow_limit(dtype: torch.dtype) -> float:
+    """The largest ``|D|`` whose square, averaged into a second moment, stays finite in ``dtype``."""
+    return math.sqrt(torch.finfo(dtype).max) * 0.5
+
+
+def curvature_flags(estimates: Sequence[Optional[torch.Tensor]]) -> Tuple[List[bool], List[bool]]:
+    """``(finite, overflows)`` per estimate with one host transfer: ``overflows`` where
+    ``max |d|`` exceeds :func:`overflow_limit` (its square would overflow the second moment)."""
+    present = [t for t in estimates if t is not None]
+    if not present:
+        return [True] * len(estimates), [False] * len(estimates)
+    maxima = torch.stack(_max_abs(present))
+    limits = torch.tensor([overflow_limit(t.dtype) for t in present], device=maxima.device)
+    both = torch.stack([torch.isfinite(maxima), maxima > limits]).tolist()
+    finite, over = iter(both[0]), iter(both[1])
+    flags = [(True, False) if t is None else (next(finite), next(over)) for t in estimates]
+    return [f for f, _ in flags], [o and f for f, o in flags]
+
+
+def commit_parameter_updates(params: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor]) -> None:
+    """``theta -= delta`` for every pair, all or nothing.
+
+    One multi-tensor call per (device, dtype): a call either runs or raises before writing. With
+    several such buckets, the buckets already written are restored from a copy if a later one
+    raises, so an exception never leaves some parameters moved and others not.
+    """
+    buckets = list(by_device_and_dtype(params).values())
+    backups: List[Tuple[List[torch.Tensor], List[torch.Tensor]]] = []
+    try:
+        for idx in buckets:
+            ps = [params[i] for i in idx]
+            if len(buckets) > 1:
+                backups.append((ps, [p.detach().clone() for p in ps]))
+            torch._foreach_sub_(ps, [deltas[i] for i in idx])
+    except BaseException:
+        for ps, saved in backups:
+            torch._foreach_copy_(ps, saved)
+        raise

@@ -1,104 +1,345 @@
-r"""Curvature sources for :class:`hessopt.AdaHessian`: what plays the role of the Hessian diagonal.
+r"""Curvature sources: what plays the role of the Hessian diagonal in :class:`hessopt.AdaHessian`
+and :class:`hessopt.Sophia`.
 
-A curvature source is a callable
+A source turns one curvature step's inputs (:class:`CurvatureInputs`) into a per-entry estimate,
+one tensor per parameter, *before* the optimizer's own post-processing (AdaHessian: absolute value,
+spatial averaging, squaring; Sophia: exponential averaging). Three class attributes tell the
+optimizer what the step needs:
 
-    ``source(params, grads, generators) -> list of tensors shaped like params``
+``needs_graph``   the closure's ``backward()`` must build the gradient's graph (double backward);
+``needs_logits``  the closure's ``F.cross_entropy`` logits are captured and their graph kept;
+``needs_closure`` the closure is evaluated again at perturbed weights.
 
-returning a per-entry curvature estimate *before* the optimizer takes absolute values and applies
-spatial averaging. ``grads`` are the gradients (carrying their graph when the source's
-``needs_graph`` attribute is true, the default for callables without it), and ``generators`` maps
-each device to the optimizer's seeded :class:`torch.Generator` for that device.
+=====================  ==========================================================  ===========================  ====================================
+source                 estimate of                                                 extra cost per curvature     works with
+                                                                                   step
+=====================  ==========================================================  ===========================  ====================================
+``"hutchinson"``       :math:`\operatorname{diag}H` by :math:`z\odot Hz`            one HVP (double backward,    eager PyTorch; fused attention via
+                       (Rademacher :math:`z`; unbiased, exact for diagonal H)       ~2-5 gradients)              :func:`hessopt.second_order_safe`
+``"gnb"``              :math:`\operatorname{diag}` of the Gauss-Newton matrix       one backward of a sampled    anything that runs a backward:
+                       of softmax cross-entropy (= Fisher), by                      loss through the kept        fused/flash attention,
+                       :math:`B\,\hat g\odot\hat g`, labels sampled from the        graph                        ``torch.compile``, FSDP
+                       model's own softmax (Gauss-Newton-Bartlett)
+``"finite_difference"``:math:`z\odot Hz` with :math:`Hz\approx(g(\theta+hz)-g(\theta))/h`  one (forward) or two      the same; closure form only
+                       (or central differences)                                     (central) gradients
+``"exact"``            :math:`H_{ii}=(He_i)_i`                                      one HVP per entry            tiny models, tests
+``"gradient"``         :math:`g` (AdaHessian becomes AdamW)                          none                         everything
+=====================  ==========================================================  ===========================  ====================================
 
-* :class:`Hutchinson` (the default): :math:`\frac1S\sum_s z_s \odot H z_s` with Rademacher (or
-  Gaussian) probes; an unbiased estimate of :math:`\operatorname{diag} H`, exact for a diagonal
-  Hessian with Rademacher probes. Costs one HVP per sample through the core's
-  :func:`hessopt.hvp_from_grads`.
-* :class:`GradientCurvature`: the gradient itself. With it AdaHessian's second moment becomes
-  :math:`E[g^2]` and the optimizer is exactly AdamW (a reference test); it needs no graph.
-* :class:`ExactDiagonal`: :math:`\operatorname{diag} H` exactly, one HVP per parameter entry
-  (:math:`H_{ii} = e_i^\top H e_i`); for tiny models and tests.
-* Any callable with that signature.
-
-:func:`make_curvature` turns the optimizer's ``curvature=`` argument into a source.
+A plain callable ``(params, grads, generators) -> list of tensors`` is a source too (with
+``needs_graph`` read from its attribute, default True). :func:`make_curvature` turns an optimizer's
+``curvature=`` argument into a source.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..hvp import hvp_from_grads
 from ..probes import PROBE_DISTRIBUTIONS, probe
 
-__all__ = ["Hutchinson", "GradientCurvature", "ExactDiagonal", "make_curvature", "needs_graph"]
+__all__ = [
+    "CurvatureInputs", "CurvatureSource", "Hutchinson", "GaussNewtonBartlett", "FiniteDifference",
+    "GradientCurvature", "ExactDiagonal", "make_curvature", "needs_graph", "CURVATURE_NAMES",
+]
 
-CURVATURE_NAMES = ("hutchinson", "exact", "gradient")
-
-
-def needs_graph(source) -> bool:
-    """Whether ``source`` needs gradients that carry their graph (default True)."""
-    return bool(getattr(source, "needs_graph", True))
+CURVATURE_NAMES = ("hutchinson", "gnb", "finite_difference", "exact", "gradient")
 
 
-class Hutchinson:
-    """Hutchinson estimate of the Hessian diagonal, ``mean_s z_s * (H z_s)`` (see module docstring)."""
+@dataclass
+class CurvatureInputs:
+    """What a curvature step hands to its source.
+
+    ``grads`` carry their graph when the source ``needs_graph``; ``generators`` maps each device to
+    the optimizer's seeded probe generator; ``captures`` are the closure's cross-entropy calls
+    (``needs_logits``); ``gradients_at(params_values)`` re-evaluates the closure and returns the
+    gradients (``needs_closure``; the weights are the caller's business, see
+    :class:`FiniteDifference`).
+    """
+
+    params: Sequence[torch.Tensor]
+    grads: Sequence[Optional[torch.Tensor]]
+    generators: Dict[torch.device, torch.Generator]
+    captures: List[dict] = field(default_factory=list)
+    gradients_again: Optional[Callable[[], List[torch.Tensor]]] = None
+
+
+class CurvatureSource:
+    """Base of the built-in sources (see the module docstring)."""
+
+    needs_graph = False
+    needs_logits = False
+    needs_closure = False
+    #: the estimate goes through the user's (possibly GradScaler-scaled) graph and must be unscaled
+    scaled_by_loss_scale = False
+
+    def estimate(self, inputs: CurvatureInputs) -> List[torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, params, grads, generators, **inputs: Any) -> List[torch.Tensor]:
+        """``source(params, grads, generators)``: :meth:`estimate` on those inputs (for direct use and tests)."""
+        return self.estimate(CurvatureInputs(params, grads, generators, **inputs))
+
+
+def _check_n_samples(n_samples) -> int:
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+    return n_samples
+
+
+def _probes(params, generators, distribution) -> List[torch.Tensor]:
+    return [probe(p.shape, generators[p.device], dtype=p.dtype, device=p.device, distribution=distribution)
+            for p in params]
+
+
+class Hutchinson(CurvatureSource):
+    r"""Hutchinson estimate of the Hessian diagonal, :math:`\frac1S\sum_s z_s\odot Hz_s`.
+
+    Unbiased for :math:`\operatorname{diag}H` (:math:`E[z_iz_j]=\delta_{ij}`), exact for a diagonal
+    Hessian with Rademacher probes. One HVP per sample through :func:`hessopt.hvp_from_grads`.
+    """
 
     needs_graph = True
+    scaled_by_loss_scale = True
 
     def __init__(self, n_samples: int = 1, distribution: str = "rademacher"):
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+        self.n_samples = _check_n_samples(n_samples)
         if distribution not in PROBE_DISTRIBUTIONS:
             raise ValueError(f"distribution must be one of {PROBE_DISTRIBUTIONS}, got {distribution!r}")
-        self.n_samples = n_samples
         self.distribution = distribution
 
     def __repr__(self) -> str:
         return f"Hutchinson(n_samples={self.n_samples}, distribution={self.distribution!r})"
 
-    def __call__(
-        self,
-        params: Sequence[torch.Tensor],
-        grads: Sequence[Optional[torch.Tensor]],
-        generators: Dict[torch.device, torch.Generator],
-    ) -> List[torch.Tensor]:
+    def estimate(self, inputs: CurvatureInputs) -> List[torch.Tensor]:
+        params, grads = inputs.params, inputs.grads
         total: Optional[List[torch.Tensor]] = None
         for s in range(self.n_samples):
-            zs = [
-                probe(p.shape, generators[p.device], dtype=p.dtype, device=p.device, distribution=self.distribution)
-                for p in params
-            ]
-            last = s == self.n_samples - 1
-            hzs = hvp_from_grads(grads, params, zs, retain_graph=not last)
+            zs = _probes(params, inputs.generators, self.distribution)
+            hzs = hvp_from_grads(grads, params, zs, retain_graph=s < self.n_samples - 1)
             terms = torch._foreach_mul(zs, hzs)
-            if total is None:
-                total = list(terms)
-            else:
-                torch._foreach_add_(total, terms)
+            total = list(terms) if total is None else torch._foreach_add(total, terms)
         if self.n_samples > 1:
             torch._foreach_div_(total, float(self.n_samples))
         return total
 
 
-class GradientCurvature:
-    """Use the gradient as the curvature: AdaHessian then reduces to AdamW (for tests and baselines)."""
+class GaussNewtonBartlett(CurvatureSource):
+    r"""Gauss-Newton-Bartlett estimate of the Gauss-Newton diagonal of softmax cross-entropy.
 
-    needs_graph = False
+    For logits :math:`f_b(\theta)` of :math:`B` predictions (rows not equal to ``ignore_index``),
+    draw :math:`\hat y_b\sim\operatorname{softmax}(f_b)` from the model's own predictive
+    distribution, backpropagate the sampled mean loss
+    :math:`\hat L=\frac1B\sum_b \mathrm{CE}(f_b,\hat y_b)` once through the closure's kept graph,
+    and return :math:`\hat h = c\,B\,\hat g\odot\hat g` with :math:`\hat g=\nabla_\theta\hat L`
+    (Liu et al. 2023, Sophia-G). Since :math:`E_{\hat y}[\nabla\mathrm{CE}(f_b,\hat y)]=0` and the
+    samples are independent, the cross terms vanish in expectation and
+
+    .. math::  E[\hat h] = c\,\operatorname{diag}\Big(\frac1B\sum_b J_b^\top
+               (\operatorname{diag}p_b - p_bp_b^\top) J_b\Big),
+
+    the diagonal of the Gauss-Newton matrix (= the Fisher) of the mean loss; ``c = 1`` for the
+    user's ``reduction="mean"`` and ``c = B`` for ``"sum"``, so the estimate matches the user's loss.
+    No double backward: works with fused attention, ``torch.compile``\ d models and FSDP.
+
+    The logits are found without user code: during a curvature step's closure, every
+    ``F.cross_entropy`` call (``nn.CrossEntropyLoss`` and HuggingFace models use it) is recorded,
+    and its ``ignore_index`` honoured; the closure must make exactly one such call. Class weights
+    and label smoothing of the user's loss are not part of the Gauss-Newton model sampled here.
+    Cost: one extra backward through the kept graph, with the forward graph held until then.
+    """
+
+    needs_logits = True
+
+    def __init__(self, n_samples: int = 1):
+        self.n_samples = _check_n_samples(n_samples)
+
+    def __repr__(self) -> str:
+        return f"GaussNewtonBartlett(n_samples={self.n_samples})"
+
+    def estimate(self, inputs: CurvatureInputs) -> List[torch.Tensor]:
+        if len(inputs.captures) != 1:
+            raise ValueError(
+                f"curvature='gnb' needs exactly one F.cross_entropy call (or nn.CrossEntropyLoss) in "
+                f"the closure on curvature steps, found {len(inputs.captures)}: Gauss-Newton-Bartlett "
+                "samples labels from that call's logits. Compute the loss with one cross-entropy call, "
+                "or use curvature='hutchinson' or 'finite_difference' for other losses"
+            )
+        capture = inputs.captures[0]
+        logits, valid, scale = _flat_predictions(capture)
+        num = int(valid.sum())
+        if num == 0:
+            return [torch.zeros_like(p) for p in inputs.params]
+        logits = logits[valid]
+        probs = torch.softmax(_at_least_float32(logits.detach()), dim=-1)
+        gen = inputs.generators.get(logits.device) or next(iter(inputs.generators.values()))
+        total: Optional[List[torch.Tensor]] = None
+        for s in range(self.n_samples):
+            sampled = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+            terms = self.for_labels(inputs.params, logits, sampled, scale, retain_graph=s < self.n_samples - 1)
+            total = terms if total is None else torch._foreach_add(total, terms)
+        if self.n_samples > 1:
+            torch._foreach_div_(total, float(self.n_samples))
+        return total
+
+    @staticmethod
+    def for_labels(params: Sequence[torch.Tensor], logits: torch.Tensor, labels: torch.Tensor, scale: float = 1.0,
+                   retain_graph: bool = False) -> List[torch.Tensor]:
+        r"""The estimate for given labels: :math:`c\,B\,\hat g\odot\hat g` with :math:`\hat g` the
+        gradient of the mean cross-entropy of ``logits`` ``[B, C]`` (graph attached) against
+        ``labels`` ``[B]`` (the sampling step left out; its expectation is the oracle's business)."""
+        num = logits.shape[0]
+        loss = F.cross_entropy(_at_least_float32(logits), labels, reduction="sum") / num
+        grads = torch.autograd.grad(loss, list(params), retain_graph=retain_graph, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        terms = list(torch._foreach_mul(grads, grads))
+        torch._foreach_mul_(terms, num * scale)
+        return terms
+
+
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 if it is in a half precision (softmax and the sampled loss), else as it is."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _flat_predictions(capture: dict):
+    """``(logits [N, C], valid mask [N], scale)`` of a captured cross-entropy call."""
+    logits, target = capture["logits"], capture["target"]
+    if logits.dim() == 1:  # a single prediction
+        logits, target = logits.unsqueeze(0), target.reshape(1) if target.dim() == 0 else target.unsqueeze(0)
+    elif logits.dim() > 2:  # (N, C, d1, ...): class dimension 1
+        target = target.reshape(-1) if not target.is_floating_point() else target.movedim(1, -1).reshape(-1, logits.shape[1])
+        logits = logits.movedim(1, -1).reshape(-1, logits.shape[1])
+    if target.is_floating_point():  # class probabilities: every row is a prediction
+        valid = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+    else:
+        valid = target.reshape(-1) != capture["ignore_index"]
+    reduction = capture["reduction"]
+    if capture["size_average"] is not None or capture["reduce"] is not None:
+        reduction = torch.nn._reduction.legacy_get_string(capture["size_average"], capture["reduce"])
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"curvature='gnb' needs a cross-entropy loss with reduction 'mean' or 'sum', got {reduction!r}")
+    scale = float(valid.sum()) if reduction == "sum" else 1.0
+    return logits, valid, scale
+
+
+class FiniteDifference(CurvatureSource):
+    r"""Hutchinson's :math:`z\odot Hz` with the HVP replaced by a difference of gradients.
+
+    * ``scheme="forward"`` (default): :math:`Hz\approx(g(\theta+hz)-g(\theta))/h`, one extra
+      gradient (the closure's own :math:`g(\theta)` is reused); truncation error :math:`O(h)`.
+    * ``scheme="central"``: :math:`Hz\approx(g(\theta+hz)-g(\theta-hz))/(2h)`, two extra gradients;
+      truncation error :math:`O(h^2)`.
+
+    Step: :math:`h = c\,(1+\|\theta\|)/\|z\|` over all parameters of the step, with
+    :math:`c=\epsilon_{mach}^{1/2}` (forward) or :math:`\epsilon_{mach}^{1/3}` (central) of the
+    parameters' lowest-precision dtype (``step_scale`` overrides ``c``): the usual balance of
+    truncation against rounding error, scaled so that each coordinate moves by about ``c`` times
+    the parameters' RMS. The closure is re-evaluated at the perturbed weights with the same random
+    numbers (dropout masks) as the step's own evaluation; the weights are then restored bit-exactly
+    from a saved copy (never by subtracting :math:`hz`), the gradients set back to the step's own,
+    and the global RNG left where the step's closure left it. With ``model=``, the model's buffers
+    (BatchNorm running statistics) are restored too; without it, train-mode BatchNorm sees the extra
+    forward passes. Only first-order backward passes: works under ``torch.compile``, fused
+    attention and reentrant checkpointing. Closure form only.
+    """
+
+    needs_closure = True
+
+    def __init__(self, scheme: str = "forward", n_samples: int = 1, step_scale: Optional[float] = None,
+                 distribution: str = "rademacher", model: Optional[torch.nn.Module] = None):
+        if scheme not in ("forward", "central"):
+            raise ValueError(f"scheme must be 'forward' or 'central', got {scheme!r}")
+        if step_scale is not None and not (isinstance(step_scale, (int, float)) and step_scale > 0):
+            raise ValueError(f"step_scale must be a positive number or None, got {step_scale!r}")
+        if distribution not in PROBE_DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {PROBE_DISTRIBUTIONS}, got {distribution!r}")
+        self.scheme, self.n_samples, self.step_scale = scheme, _check_n_samples(n_samples), step_scale
+        self.distribution, self.model = distribution, model
+
+    def __repr__(self) -> str:
+        return f"FiniteDifference(scheme={self.scheme!r}, n_samples={self.n_samples}, step_scale={self.step_scale})"
+
+    def step_size(self, params: Sequence[torch.Tensor], zs: Sequence[torch.Tensor]) -> float:
+        """:math:`h` for probes ``zs`` at ``params`` (see the class docstring)."""
+        if self.step_scale is not None:
+            c = self.step_scale
+        else:
+            eps = max(torch.finfo(p.dtype).eps for p in params)
+            c = math.sqrt(eps) if self.scheme == "forward" else eps ** (1.0 / 3.0)
+        norms = torch.stack([torch.linalg.vector_norm(t.detach().double()) for t in [*params, *zs]])
+        sq = (norms**2).tolist()
+        theta = math.sqrt(sum(sq[: len(params)]))
+        z = math.sqrt(sum(sq[len(params):]))
+        return c * (1.0 + theta) / max(z, 1e-30)
+
+    def estimate(self, inputs: CurvatureInputs) -> List[torch.Tensor]:
+        if inputs.gradients_again is None:
+            raise ValueError(
+                "curvature='finite_difference' evaluates the loss again at perturbed weights, which "
+                "needs the closure: call opt.step(closure)"
+            )
+        params = list(inputs.params)
+        saved = [p.detach().clone() for p in params]
+        buffers = [b for b in self.model.buffers()] if self.model is not None else []
+        saved_buffers = [b.clone() for b in buffers]
+        g0 = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, inputs.grads)]
+        total: Optional[List[torch.Tensor]] = None
+        try:
+            for _ in range(self.n_samples):
+                zs = _probes(params, inputs.generators, self.distribution)
+                h = self.step_size(params, zs)
+                plus = self._gradients_at(params, saved, zs, h, inputs)
+                if self.scheme == "forward":
+                    diff = torch._foreach_sub(plus, g0)
+                    torch._foreach_div_(diff, h)
+                else:
+                    minus = self._gradients_at(params, saved, zs, -h, inputs)
+                    diff = torch._foreach_sub(plus, minus)
+                    torch._foreach_div_(diff, 2 * h)
+                terms = torch._foreach_mul(zs, diff)
+                total = list(terms) if total is None else torch._foreach_add(total, terms)
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(params, saved)
+                if buffers:
+                    torch._foreach_copy_(buffers, saved_buffers)
+        if self.n_samples > 1:
+            torch._foreach_div_(total, float(self.n_samples))
+        return total
+
+    @staticmethod
+    def _gradients_at(params, saved, zs, h, inputs) -> List[torch.Tensor]:
+        with torch.no_grad():
+            torch._foreach_copy_(params, saved)
+            torch._foreach_add_(params, zs, alpha=h)
+        return inputs.gradients_again()
+
+
+class GradientCurvature(CurvatureSource):
+    """The gradient as the curvature: AdaHessian then is AdamW (for tests and baselines)."""
+
+    scaled_by_loss_scale = True
 
     def __repr__(self) -> str:
         return "GradientCurvature()"
 
-    def __call__(self, params, grads, generators) -> List[torch.Tensor]:
-        return [g.detach() for g in grads]
+    def estimate(self, inputs: CurvatureInputs) -> List[torch.Tensor]:
+        return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(inputs.params, inputs.grads)]
 
 
-class ExactDiagonal:
+class ExactDiagonal(CurvatureSource):
     r"""The exact Hessian diagonal, :math:`H_{ii} = (H e_i)_i`, one HVP per entry (tiny models, tests).
 
-    Costs ``sum(p.numel())`` HVPs per Hessian step, so it refuses more than ``max_entries`` entries.
+    Costs ``sum(p.numel())`` HVPs per curvature step, so it refuses more than ``max_entries`` entries.
     """
 
     needs_graph = True
+    scaled_by_loss_scale = True
 
     def __init__(self, max_entries: int = 10_000):
         self.max_entries = max_entries
@@ -106,12 +347,13 @@ class ExactDiagonal:
     def __repr__(self) -> str:
         return f"ExactDiagonal(max_entries={self.max_entries})"
 
-    def __call__(self, params, grads, generators) -> List[torch.Tensor]:
+    def estimate(self, inputs: CurvatureInputs) -> List[torch.Tensor]:
+        params, grads = inputs.params, inputs.grads
         total = sum(p.numel() for p in params)
         if total > self.max_entries:
             raise ValueError(
                 f"curvature='exact' needs one HVP per entry ({total} > max_entries={self.max_entries}); "
-                "use the Hutchinson estimate (curvature=None) for models of this size"
+                "use the Hutchinson estimate (curvature='hutchinson') for models of this size"
             )
         diags = [torch.empty_like(p) for p in params]
         for j, p in enumerate(params):
@@ -123,20 +365,52 @@ class ExactDiagonal:
         return diags
 
 
-def make_curvature(curvature, n_samples: int = 1, distribution: str = "rademacher"):
-    """The curvature source for the optimizer's ``curvature=`` argument: ``None`` or a name in
-    :data:`CURVATURE_NAMES`, or a callable ``(params, grads, generators) -> list of tensors``."""
-    if curvature is None or curvature == "hutchinson":
-        return Hutchinson(n_samples, distribution)
+class _CallableSource(CurvatureSource):
+    """A user callable ``(params, grads, generators) -> list of tensors`` as a source."""
+
+    scaled_by_loss_scale = True
+
+    def __init__(self, fn: Callable[..., List[torch.Tensor]]):
+        self.fn = fn
+        self.needs_graph = bool(getattr(fn, "needs_graph", True))
+
+    def __repr__(self) -> str:
+        return repr(self.fn)
+
+    def estimate(self, inputs: CurvatureInputs) -> List[torch.Tensor]:
+        return self.fn(inputs.params, inputs.grads, inputs.generators)
+
+
+def needs_graph(source) -> bool:
+    """Whether ``source`` needs gradients that carry their graph."""
+    return bool(getattr(source, "needs_graph", True))
+
+
+def make_curvature(curvature: Any = None, n_samples: int = 1, distribution: str = "rademacher",
+                   default: str = "hutchinson") -> CurvatureSource:
+    """The source for an optimizer's ``curvature=`` argument: ``None`` (``default``), a name in
+    :data:`CURVATURE_NAMES`, a :class:`CurvatureSource`, or a callable
+    ``(params, grads, generators) -> list of tensors``."""
+    if curvature is None:
+        curvature = default
+    if isinstance(curvature, CurvatureSource):
+        return curvature
     if isinstance(curvature, str):
+        if curvature == "hutchinson":
+            return Hutchinson(n_samples, distribution)
+        if curvature == "gnb":
+            return GaussNewtonBartlett(n_samples)
+        if curvature == "finite_difference":
+            return FiniteDifference(n_samples=n_samples, distribution=distribution)
         if curvature == "exact":
             return ExactDiagonal()
         if curvature == "gradient":
             return GradientCurvature()
-        raise ValueError(f"curvature must be None, one of {CURVATURE_NAMES} or a callable, got {curvature!r}")
+        raise ValueError(f"curvature must be None, one of {CURVATURE_NAMES}, a CurvatureSource or a callable, "
+                         f"got {curvature!r}")
     if not callable(curvature):
         raise TypeError(
-            f"curvature must be None, one of {CURVATURE_NAMES} or a callable "
+            f"curvature must be None, one of {CURVATURE_NAMES}, a CurvatureSource or a callable "
             f"(params, grads, generators) -> list of tensors, not {type(curvature).__name__}"
         )
-    return curvature
+    return _CallableSource(curvature)

@@ -1,0 +1,136 @@
+"""Temporary, thread-local replacements of torch functions: one mechanism, one locking rule.
+
+The optimizers need to change what a user's *unchanged* closure does on curvature steps: its
+``loss.backward()`` must build (or keep) the graph, and its ``F.cross_entropy`` call must hand over
+the logits. Both are done by replacing a module attribute (``torch.autograd.backward``,
+``torch.nn.functional.cross_entropy``) with a wrapper that
+
+* is installed while at least one thread is inside an :meth:`ThreadLocalPatch.active` block
+  (reference-counted under one lock, :data:`_LOCK`) and removed when the last one leaves;
+* acts only for the threads inside such a block (a thread-local stack of payloads); every other
+  thread's call passes through unchanged;
+* stays in place, passing calls through, when other code wrapped it meanwhile (removing it then
+  would drop the other wrapper). It is then reused by the next block instead of being wrapped a
+  second time, which is what made the old closure wrapper recurse forever under a foreign wrapper.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+from typing import Any, Callable, Iterator, List
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ThreadLocalPatch", "BACKWARD", "CROSS_ENTROPY", "graph_building_backward", "capture_cross_entropy"]
+
+_LOCK = threading.Lock()
+
+
+class ThreadLocalPatch:
+    """Replace ``owner.name`` by ``act(payload, original, *args, **kwargs)`` for threads inside :meth:`active`."""
+
+    def __init__(self, owner: Any, name: str, act: Callable[..., Any]):
+        self.owner, self.name, self.act = owner, name, act
+        self._local = threading.local()
+        self._installs = 0
+        self._original: Callable[..., Any] = getattr(owner, name)
+        self._left_in_chain = False  # our wrapper is still reachable inside a foreign one
+
+        def wrapper(*args, **kwargs):
+            stack = getattr(self._local, "stack", None)
+            if stack:
+                return self.act(stack[-1], self._original, *args, **kwargs)
+            return self._original(*args, **kwargs)
+
+        self.wrapper = wrapper
+
+    @contextlib.contextmanager
+    def active(self, payload: Any) -> Iterator[Any]:
+        """Inside the block, this thread's calls of ``owner.name`` go through ``act`` with ``payload``."""
+        with _LOCK:
+            if self._installs == 0 and not self._left_in_chain:
+                self._original = getattr(self.owner, self.name)
+                setattr(self.owner, self.name, self.wrapper)
+            self._installs += 1
+        stack = self._local.__dict__.setdefault("stack", [])
+        stack.append(payload)
+        try:
+            yield payload
+        finally:
+            stack.pop()
+            with _LOCK:
+                self._installs -= 1
+                if self._installs == 0:
+                    if getattr(self.owner, self.name) is self.wrapper:
+                        setattr(self.owner, self.name, self._original)
+                        self._left_in_chain = False
+                    else:  # wrapped by other code after us: stay in its chain, inert outside blocks
+                        self._left_in_chain = True
+
+
+# -- autograd.backward: build or keep the graph ------------------------------------------------------
+
+# Bound against torch's own signature: a wrapper installed by other code may take (*args, **kwargs),
+# where setting "create_graph" on the bound arguments would be silently dropped.
+_BACKWARD_SIGNATURE = inspect.signature(torch.autograd.backward)
+
+
+def _backward(payload, original, *args, **kwargs):
+    bound = _BACKWARD_SIGNATURE.bind(*args, **kwargs)
+    for key, value in payload.items():
+        bound.arguments[key] = value
+    return original(*bound.args, **bound.kwargs)
+
+
+BACKWARD = ThreadLocalPatch(torch.autograd, "backward", _backward)
+
+
+@contextlib.contextmanager
+def graph_building_backward(create_graph: bool = True, retain_graph: bool = False) -> Iterator[None]:
+    """Inside the block, this thread's ``backward()`` calls build the gradient's graph
+    (``create_graph=True``) and/or keep the forward graph (``retain_graph=True``).
+
+    ``Tensor.backward`` (and so GradScaler, Accelerate, Lightning, ...) goes through
+    ``torch.autograd.backward``: the one place to turn a user's plain ``loss.backward()`` into the
+    backward a curvature step needs. PyTorch's warning about the parameter-gradient reference cycle
+    is silenced: the optimizers detach the gradients after the step, which breaks that cycle.
+    """
+    import warnings
+
+    payload = {}
+    if create_graph:
+        payload["create_graph"] = True
+    if retain_graph or create_graph:
+        payload["retain_graph"] = True
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*create_graph=True.*reference cycle.*")
+        with BACKWARD.active(payload):
+            yield
+
+
+# -- F.cross_entropy: hand over the logits -------------------------------------------------------------
+
+_CROSS_ENTROPY_SIGNATURE = inspect.signature(F.cross_entropy)
+
+
+def _cross_entropy(captures: List[dict], original, *args, **kwargs):
+    bound = _CROSS_ENTROPY_SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    captures.append({"logits": a["input"], "target": a["target"], "ignore_index": a["ignore_index"],
+                     "reduction": a["reduction"], "size_average": a["size_average"], "reduce": a["reduce"]})
+    return original(*args, **kwargs)
+
+
+CROSS_ENTROPY = ThreadLocalPatch(F, "cross_entropy", _cross_entropy)
+
+
+@contextlib.contextmanager
+def capture_cross_entropy() -> Iterator[List[dict]]:
+    """Record every ``F.cross_entropy`` call of this thread inside the block (``nn.CrossEntropyLoss``
+    and HuggingFace models call it too): a list of dicts with ``logits`` (graph attached), ``target``,
+    ``ignore_index`` and ``reduction``."""
+    with CROSS_ENTROPY.active([]) as captures:
+        yield captures
