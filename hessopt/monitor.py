@@ -43,11 +43,21 @@ Plots of the records (matplotlib, ``pip install hessopt[plot]``) live with the o
 back with :func:`read_jsonl`.
 
 Example:
-    >>> monitor = hessopt.CurvatureMonitor(model, nn.CrossEntropyLoss(), (x_val, y_val), every=100,
-    ...                                    k=5, log_path="run/curvature.jsonl")
-    >>> for step, (x, y) in enumerate(loader, 1):
-    ...     ...  # one training step
-    ...     monitor.step(step)
+    >>> import torch, hessopt
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    >>> x, y = torch.randn(32, 3), torch.randint(0, 2, (32,))
+    >>> held_out = (torch.randn(8, 3), torch.randint(0, 2, (8,)))   # fixed, no augmentation
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> monitor = hessopt.CurvatureMonitor(model, nn.CrossEntropyLoss(), held_out, every=2, k=2,
+    ...                                    tensorboard=False)  # log_path="run/curvature.jsonl" to log
+    >>> for step in range(1, 5):
+    ...     opt.zero_grad()
+    ...     nn.functional.cross_entropy(model(x), y).backward()
+    ...     opt.step()
+    ...     record = monitor.step(step)  # a record at steps 2 and 4, None otherwise
+    >>> [r["step"] for r in monitor.records], sorted(monitor.records[0])[:3]
+    ([2, 4], ['eigenvalue_error_bounds', 'eigenvalues_converged', 'gradient_concentration'])
     >>> monitor.close()
 """
 from __future__ import annotations

@@ -16,9 +16,15 @@ rule: eigenvalues ``seed``, trace ``seed + 1``, density ``seed + 2``); the layer
 base seed ``seed`` (block ``i``: ``seed + 1000003 i``) and the random landscape plane ``seed + 3``.
 
 Example:
-    >>> r = hessopt.report(model, nn.CrossEntropyLoss(), loader, out="runs/analysis", k=5,
-    ...                    layerwise=True, landscape=True)
-    >>> r.summary.top_eigenvalues, r.paths["markdown"]
+    >>> import tempfile, torch, hessopt
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    >>> x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    >>> r = hessopt.report(model, nn.CrossEntropyLoss(), [(x[:8], y[:8]), (x[8:], y[8:])],
+    ...                    out=tempfile.mkdtemp(), k=3, layerwise=True, plots=False)
+    >>> sorted(r.paths), r.summary.num_params, r.layerwise.names
+    (['json', 'markdown'], 26, ('0', '2'))
 """
 from __future__ import annotations
 

@@ -236,8 +236,16 @@ def layerwise(
         :class:`LayerwiseSpectrum`.
 
     Example:
-        >>> table = layerwise(model, nn.CrossEntropyLoss(), (x, y), k=3)
-        >>> print(table.to_markdown())
+        >>> import torch
+        >>> from torch import nn
+        >>> from hessopt.analysis import layerwise
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> table = layerwise(model, nn.CrossEntropyLoss(), (x, y), k=2, generator=0)
+        >>> table.names, table["2"].num_params, table[0].top_eigenvalues.shape
+        (('0', '2'), 10, torch.Size([2]))
+        >>> print(table.to_markdown().splitlines()[0])
+        | block | params | top eigenvalues | trace |
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
