@@ -19,6 +19,9 @@ All of them only apply ``op @ z`` to random probe vectors ``z``:
 Each estimator takes ``generator=`` (a :class:`torch.Generator`, a seed, or ``None``) so results
 are reproducible, and ``probes=`` to use given probe vectors instead (columns of an ``(n, m)``
 tensor; e.g. all :math:`2^n` sign vectors to compute an exact expectation in a test).
+``generator=None`` (the default) draws a seed from PyTorch's global CPU generator, so
+``torch.manual_seed`` makes a run reproducible: the meaning of ``None`` in every hessopt function
+that takes ``generator=`` (:func:`hessopt.probes.generator_for`).
 """
 from __future__ import annotations
 
@@ -75,7 +78,8 @@ def trace(
         num_matvecs: the budget: at least 2 for Hutchinson (to have an error bar), 4 for Hutch++.
         method: ``"hutch++"`` (default; lower variance when a few eigenvalues dominate) or
             ``"hutchinson"``.
-        generator: a :class:`torch.Generator` on the operator's device, a seed, or ``None``.
+        generator: a :class:`torch.Generator` on the operator's device, a seed, or ``None`` (a seed
+            drawn from PyTorch's global CPU generator).
         distribution: ``"rademacher"`` (default) or ``"gaussian"`` probes.
         probes: Hutchinson only: an ``(n, m)`` tensor of probes to use instead of random ones.
         progress: show a tqdm progress bar.
