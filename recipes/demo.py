@@ -50,7 +50,7 @@ def train_one(name: str, args: argparse.Namespace, out: Path) -> dict:
     # early in training, when it changes fastest, can blow up a step)
     argv = ["--dataset", "digits", "--model", "cifar_resnet20", "--epochs", str(args.epochs), "--warmup-steps", "22",
             "--batch-size", str(args.batch_size), "--device", args.device, "--seed", str(args.seed),
-            "--output-dir", str(out / name), *OPTIMIZERS[name]]
+            "--output-dir", str(out / name), "--overwrite", *OPTIMIZERS[name]]
     print(f"\n=== {name}: python recipes/image_classification/train.py {' '.join(argv)}")
     last = train.main(train.parse_args(argv))
     epochs = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]

@@ -1,6 +1,6 @@
 """The image recipe's checkpoints analyzed through its adapter (recipes/image_classification/analyze.py and
 checkpoint.py): end to end on a one-epoch digits checkpoint, through the generic `hessopt analyze`, and
-the error messages (corrupt, truncated, foreign)."""
+the error messages (corrupt, truncated, foreign, one flipped byte)."""
 import importlib.util
 import json
 import sys
@@ -113,6 +113,11 @@ def test_analyze_py_errors(checkpoint, tmp_path, capsys):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(checkpoint.read_bytes()[:2000])
     _fail(capsys, [str(truncated), "--dataset", "digits", *base], "truncated")
+    flipped = tmp_path / "flipped.pt"
+    raw = bytearray(checkpoint.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    flipped.write_bytes(bytes(raw))
+    _fail(capsys, [str(flipped), *base], "checksum does not match")
     other = tmp_path / "other.pt"
     torch.save({"weights": 1}, other)
     _fail(capsys, [str(other), "--dataset", "digits", *base], "not a checkpoint of the image-classification recipe")

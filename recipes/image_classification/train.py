@@ -25,11 +25,19 @@ Commands (from the repository root):
 
 Outputs in --output-dir: config.json (the options as given and as resolved), metrics.jsonl (one JSON
 object per epoch), curvature.jsonl (with --curvature-every), checkpoint.pt (after every epoch,
-written atomically), tensorboard/ (when installed), training.png / curvature.png / density.png.
+written atomically, with a SHA-256 checksum), tensorboard/ (when installed), training.png /
+curvature.png / density.png.
 
 Precedence of options: built-in defaults < --preset < options given on the command line; with
---resume the saved config.json replaces the defaults and preset, and only the options given on the
-command line change it (e.g. a larger --epochs).
+--resume the checkpoint's configuration replaces the defaults and preset (config.json is only a
+readable copy), and only the options given on the command line change it.
+
+A run is never thrown away by accident: an --output-dir that already holds a run is refused
+without --resume (continue it) or --overwrite (start it again). --resume continues with the
+checkpoint's hyper-parameters: a larger --epochs extends the run with the lr milestones where they
+were (absolute epochs; they do not move), and a changed --lr, --weight-decay, --milestones, ...
+is refused unless --allow-config-change, which applies the new values from the next epoch on
+(optimizer moments, step counters and probe generators come from the checkpoint) and says so.
 """
 from __future__ import annotations
 
@@ -41,6 +49,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -54,10 +63,16 @@ _ROOT = str(Path(__file__).resolve().parents[2])
 if _ROOT not in sys.path:  # the repository root: `recipes.common` (and hessopt without `pip install -e .`)
     sys.path.insert(0, _ROOT)
 import hessopt  # noqa: E402
-from hessopt.monitor import CurvatureMonitor, read_jsonl  # noqa: E402
+from hessopt.monitor import CurvatureMonitor  # noqa: E402
 from recipes.common import (IMAGENET_MEAN, IMAGENET_STD, DeviceLoader, FolderLoader, build_model,  # noqa: E402
                             fixed_batch, image_folders, load_dataset)
 from recipes.common.plotting import plot_run  # noqa: E402
+from recipes.image_classification.checkpoint import (RESUME_KEYS, CheckpointError, read_checkpoint,  # noqa: E402
+                                                     save_checkpoint, write_text_atomic)
+
+
+class UsageError(ValueError):
+    """An option or run directory the recipe refuses; the script prints it without a traceback."""
 
 
 def _opt(default: Any, help: str, **argparse_kwargs: Any) -> Any:
@@ -100,6 +115,10 @@ class Config:
     device: str = _opt("auto", "auto (cuda when available) | cpu | cuda | cuda:N", type=str)
     output_dir: Optional[str] = _opt(None, "where config.json, metrics.jsonl, checkpoint.pt and plots go", type=str)
     resume: bool = _opt(False, "continue from output_dir/checkpoint.pt (bit-exact on CPU)", type=bool)
+    overwrite: bool = _opt(False, "start again in an output_dir that already holds a run (deletes its checkpoint and "
+                                  "metrics); without it such a directory is refused", type=bool)
+    allow_config_change: bool = _opt(False, "with --resume: apply changed hyper-parameters (--lr, --weight-decay, "
+                                            "--milestones, ...) from the next epoch on instead of refusing them", type=bool)
     max_steps_per_epoch: Optional[int] = _opt(None, "stop each epoch after this many steps (tests, smoke runs)", type=int)
     eval_batch_size: int = _opt(1000, "batch size for evaluation", type=int)
     progress: bool = _opt(True, "tqdm progress bars", type=bool)
@@ -131,6 +150,13 @@ OPT_DEFAULTS: Dict[str, Dict[str, Any]] = {
 }
 # changing these on --resume would make the checkpoint meaningless
 RESUME_FIXED = ("dataset", "data_dir", "stream", "image_size", "model", "batchnorm", "residual", "opt", "seed", "batch_size")
+# changing these on --resume changes the training: refused unless --allow-config-change
+RESUME_HYPER = ("lr", "weight_decay", "momentum", "nesterov", "betas", "eps", "milestones", "gamma", "update_each",
+                "warmup_steps", "amp", "augment", "max_steps_per_epoch")
+# how to run, not what to train: never inherited from a saved configuration
+RUN_CONTROL = ("resume", "overwrite", "allow_config_change")
+# what an --output-dir holding a run has; --overwrite deletes them
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "curvature.jsonl")
 
 
 def resolve(cfg: Config) -> Tuple[Config, List[str]]:
@@ -161,15 +187,15 @@ def resolve(cfg: Config) -> Tuple[Config, List[str]]:
         values["betas"] = tuple(values["betas"])
     for key in ("epochs", "batch_size", "update_each", "eval_batch_size", "curvature_batch_size", "image_size"):
         if values[key] < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {values[key]}")
+            raise UsageError(f"--{key.replace('_', '-')} must be at least 1, got {values[key]}")
     for key in ("curvature_every", "workers"):
         if values[key] < 0:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {values[key]}")
+            raise UsageError(f"--{key.replace('_', '-')} must be >= 0, got {values[key]}")
     if values["stream"] and values["dataset"] != "imagefolder":
-        raise ValueError(f"--stream reads train/ + val/ JPEG folders: it needs --dataset imagefolder, not "
+        raise UsageError(f"--stream reads train/ + val/ JPEG folders: it needs --dataset imagefolder, not "
                          f"{values['dataset']} (which is small enough to decode into memory: drop --stream)")
     if values["stream"] and not values["data_dir"]:
-        raise ValueError("--stream needs --data-dir: the folder that holds train/<class>/* and val/<class>/*")
+        raise UsageError("--stream needs --data-dir: the folder that holds train/<class>/* and val/<class>/*")
     return Config(**values), notes
 
 
@@ -192,15 +218,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> Config:
+    """The options given; with --resume on top of the checkpoint's options as given (the checkpoint,
+    not config.json, is the source of truth: a missing or stale config.json changes nothing)."""
     explicit = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(build_parser().parse_args(argv)).items()}
     base = Config()
     if explicit.get("resume"):
         if not explicit.get("output_dir"):
             raise SystemExit("--resume needs --output-dir (the run to continue)")
-        saved = Path(explicit["output_dir"]) / "config.json"
-        if saved.exists():
-            given = json.loads(saved.read_text())["config"]
-            base = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+        path = Path(explicit["output_dir"]) / "checkpoint.pt"
+        if path.exists():  # (main() says so when it does not)
+            saved = read_checkpoint(path, require=("config",))["config"]
+            if not isinstance(saved, dict):
+                raise CheckpointError(f"{path}: 'config' should be a dict of options, got {type(saved).__name__}")
+            names = {f.name for f in dataclasses.fields(Config)} - set(RUN_CONTROL)
+            base = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names})
     return dataclasses.replace(base, **explicit)
 
 
@@ -447,18 +478,88 @@ def set_rng_states(states: Dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
-def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
-    """torch.save to a temporary file, then os.replace: a crash never leaves a truncated checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+def read_records(path: Path) -> List[Dict[str, Any]]:
+    """The JSON records of a ``.jsonl`` log; a truncated last line (a kill mid-write) is dropped with
+    a warning, any other line that is not a JSON object is an error that names the line."""
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    records: List[Dict[str, Any]] = []
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:
+            if i == last:
+                warnings.warn(f"{path}: the last line is incomplete (the run was killed while writing it); "
+                              f"dropped: {line[:80]!r}", RuntimeWarning, stacklevel=2)
+                continue
+            raise UsageError(f"{path}, line {i + 1}, is not a JSON record ({err}): {line[:80]!r}; repair or "
+                             "delete that line, then resume again") from None
+        records.append(record)
+    return records
 
 
 def _truncate_jsonl(path: Path, keep) -> None:
-    """Drop records written after the checkpoint (a run interrupted between log and checkpoint)."""
+    """Drop records written after the checkpoint (a run interrupted between log and checkpoint) and
+    a truncated last line; rewritten atomically."""
     if path.exists():
-        kept = [r for r in read_jsonl(path) if keep(r)]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        kept = [r for r in read_records(path) if keep(r)]
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def refuse_existing_run(out: Path, cfg: Config) -> None:
+    """Without --resume, an output directory that holds a run is refused unless --overwrite."""
+    if cfg.resume and cfg.overwrite:
+        raise UsageError("--resume continues the run in --output-dir and --overwrite starts it again: pass one")
+    if cfg.resume or cfg.overwrite:
+        return
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found:
+        raise UsageError(
+            f"{out} already holds a run ({', '.join(found)}): pass --resume to continue it, --overwrite to start "
+            "it again (deletes its checkpoint and metrics), or choose another --output-dir")
+
+
+def _norm(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def check_resume(checkpoint: Dict[str, Any], cfg: Config) -> Tuple[List[str], List[str]]:
+    """Compare the resumed run's configuration with the checkpoint's.
+
+    Raises for a changed data set, model, optimizer, seed, ... (the checkpoint would be meaningless),
+    and for a changed hyper-parameter (``RESUME_HYPER``) without ``--allow-config-change``. Returns
+    ``(notes, changed)``: what the log and config.json say, and the hyper-parameters that change.
+    """
+    saved = checkpoint["resolved"]
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"the checkpoint's 'resolved' should be a dict of options, got {type(saved).__name__}")
+    defaults = dataclasses.asdict(Config())  # options newer than the checkpoint had their defaults
+    now = dataclasses.asdict(cfg)
+    before = {k: _norm(saved.get(k, defaults[k])) for k in RESUME_FIXED + RESUME_HYPER + ("epochs",)}
+    fixed = [k for k in RESUME_FIXED if before[k] != _norm(now[k])]
+    if fixed:
+        raise UsageError(f"--resume with a different {', '.join(fixed)} than the checkpoint "
+                         f"({', '.join(f'{k}={before[k]!r}' for k in fixed)}): start a new --output-dir")
+    changed = [k for k in RESUME_HYPER if before[k] != _norm(now[k])]
+    epoch = checkpoint["epoch"]
+    diff = ", ".join(f"--{k.replace('_', '-')} {before[k]!r} -> {_norm(now[k])!r}" for k in changed)
+    notes: List[str] = []
+    if changed and not cfg.allow_config_change:
+        raise UsageError(
+            f"--resume with other hyper-parameters than the checkpoint's ({diff}): the run would not train with "
+            f"them as you expect. Drop these options to continue as trained, or pass --allow-config-change to "
+            f"train with the new values from epoch {epoch + 1} on (moments and step counters are kept)")
+    if changed:
+        notes.append(f"--allow-config-change: from epoch {epoch + 1} on, {diff}")
+    if before["epochs"] != cfg.epochs:
+        notes.append(f"--epochs {cfg.epochs} (the checkpoint's run had {before['epochs']}): the lr milestones stay at "
+                     f"epochs {list(cfg.milestones)}" + ("" if "milestones" in changed else
+                                                         " (to move them: --milestones ... --allow-config-change)"))
+    return notes, changed
 
 
 # --------------------------------------------------------------------------------------------------
@@ -468,24 +569,28 @@ def _truncate_jsonl(path: Path, keep) -> None:
 def main(cfg: Config) -> Dict[str, Any]:
     """Train as ``cfg`` says; returns the last epoch record (plus ``output_dir``)."""
     given = cfg
-    cfg, notes = resolve(cfg)
+    out = Path(cfg.output_dir) if cfg.output_dir else None
+    ckpt_path = out / "checkpoint.pt" if out else None
+    if out is not None:
+        refuse_existing_run(out, cfg)
+    checkpoint = None
+    if cfg.resume:
+        if ckpt_path is None or not ckpt_path.exists():
+            raise UsageError(f"--resume: no checkpoint at {ckpt_path}; start without --resume")
+        checkpoint = read_checkpoint(ckpt_path, require=RESUME_KEYS)  # on the CPU: RNG states must stay there
+        resolved = checkpoint["resolved"]
+        if given.milestones is None and isinstance(resolved, dict) and resolved.get("milestones") is not None:
+            # the schedule is in absolute epochs: another --epochs must not move it
+            given = dataclasses.replace(given, milestones=tuple(resolved["milestones"]))
+    cfg, notes = resolve(given)
+    changed: List[str] = []
+    if checkpoint is not None:
+        resume_notes, changed = check_resume(checkpoint, cfg)
+        notes += resume_notes
     dist, device = setup_distributed(cfg)
     log = print if dist.main else (lambda *a, **k: None)
     for note in notes:
         log(f"note: {note}")
-    out = Path(cfg.output_dir) if cfg.output_dir else None
-    ckpt_path = out / "checkpoint.pt" if out else None
-    checkpoint = None
-    if cfg.resume:
-        if ckpt_path is None or not ckpt_path.exists():
-            raise ValueError(f"--resume: no checkpoint at {ckpt_path}; start without --resume")
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
-        defaults = dataclasses.asdict(Config())  # options newer than the checkpoint had their defaults
-        before = {k: checkpoint["resolved"].get(k, defaults[k]) for k in RESUME_FIXED}
-        changed = [k for k in RESUME_FIXED if before[k] != dataclasses.asdict(cfg)[k]]
-        if changed:
-            raise ValueError(f"--resume with a different {', '.join(changed)} than the checkpoint "
-                             f"({', '.join(f'{k}={before[k]!r}' for k in changed)}): start a new --output-dir")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fastest kernels; GPU runs are then not bit-reproducible
 
@@ -509,9 +614,19 @@ def main(cfg: Config) -> Dict[str, Any]:
     counters = {"step": 0}
     start_epoch = 0
     if checkpoint is not None:
+        # the new configuration's hyper-parameters, for --allow-config-change (state_dict loading
+        # would replace them with the checkpoint's)
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
         net.load_state_dict(checkpoint["model"])
         opt.load_state_dict(checkpoint["optimizer"])
         sched.load_state_dict(checkpoint["scheduler"])
+        if changed:
+            for group, new in zip(opt.param_groups, fresh):
+                for key in opt.defaults:
+                    if key != "lr" and key in new:
+                        group[key] = new[key]
+                group["initial_lr"] = new["initial_lr"]
+            sched.base_lrs = [group["initial_lr"] for group in opt.param_groups]
         train_loader.load_state_dict(checkpoint["loader"])
         set_rng_states(checkpoint["rng"], device)
         start_epoch, counters["step"] = checkpoint["epoch"], checkpoint["step"]
@@ -522,14 +637,15 @@ def main(cfg: Config) -> Dict[str, Any]:
     record = {}
     if out is not None and dist.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps({"config": dataclasses.asdict(given),
-                                                     "resolved": dataclasses.asdict(cfg),
-                                                     "model_args": model_args, "notes": notes}, indent=2))
+        (out / "checkpoint.pt.tmp").unlink(missing_ok=True)  # left by a crash inside save_checkpoint
+        write_text_atomic(out / "config.json", json.dumps({"config": dataclasses.asdict(given),
+                                                           "resolved": dataclasses.asdict(cfg),
+                                                           "model_args": model_args, "notes": notes}, indent=2))
         if checkpoint is not None:
             _truncate_jsonl(out / "metrics.jsonl", lambda r: r.get("epoch", 0) <= start_epoch)
             _truncate_jsonl(out / "curvature.jsonl", lambda r: r.get("step", 0) <= counters["step"])
-        else:
-            for name in ("metrics.jsonl", "curvature.jsonl"):
+        else:  # a new run (refuse_existing_run let it through: nothing there, or --overwrite)
+            for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
 
     monitor = None
@@ -573,7 +689,7 @@ def main(cfg: Config) -> Dict[str, Any]:
                 "loader": train_loader.state_dict(), "rng": rng_states(device), "epoch": epoch + 1,
                 "step": counters["step"], "config": dataclasses.asdict(given), "resolved": dataclasses.asdict(cfg),
                 "model_args": model_args, "dataset_args": data.args,
-                "metrics": record, "hessopt_version": hessopt.__version__,
+                "metrics": record, "notes": notes, "hessopt_version": hessopt.__version__,
             })
     if monitor is not None:
         monitor.close()
@@ -589,4 +705,8 @@ def main(cfg: Config) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except (UsageError, CheckpointError) as err:
+        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+        sys.exit(2)
