@@ -540,7 +540,7 @@ class TwoPathPReLU(nn.Module):
         return self.out(self.act_again(self.fc2(self.act(self.fc1(x)))))
 
 
-@pytest.mark.parametrize("op_class", ["hessian"])
+@pytest.mark.parametrize("op_class", ["hessian", "ggn", "fisher"])
 def test_a_module_registered_twice_keeps_its_parameter_objects(op_class, dense_hessian):
     torch.manual_seed(0)
     model, (x, y) = TwoPathPReLU().to(DT), _data(8)
@@ -548,6 +548,8 @@ def test_a_module_registered_twice_keeps_its_parameter_objects(op_class, dense_h
                  for key, p in m._parameters.items()}
     make = {
         "hessian": lambda: hessopt.HessianOperator(model, nn.CrossEntropyLoss(), (x, y), method="forward_over_reverse"),
+        "ggn": lambda: hessopt.GGNOperator(model, nn.CrossEntropyLoss(), (x, y)),
+        "fisher": lambda: hessopt.EmpiricalFisherOperator(model, nn.CrossEntropyLoss(), (x, y)),
     }[op_class]
     op = make()
     first = op @ _flat_probe(op)

@@ -13,6 +13,8 @@ Modules:
     base:     CurvatureOperator (the interface, ``to_scipy()``), MatrixOperator, LambdaOperator.
     _model:   ModelOperator, the constructor conventions and data protocol of the model operators.
     hessian:  HessianOperator (reverse, forward-over-reverse, finite differences).
+    ggn:      GGNOperator, the generalized Gauss-Newton matrix J^T H_L J.
+    fisher:   EmpiricalFisherOperator, (1/N) sum_n g_n g_n^T.
 """
 from .._batches import call_model, is_single_batch as _is_single_batch, to_device as _to_device
 from ..distributed import DistributedOperatorError
@@ -26,12 +28,16 @@ from .base import (
     flatten,
     unflatten,
 )
+from .fisher import EmpiricalFisherOperator
+from .ggn import GGNOperator
 from .hessian import HVP_METHODS, HessianOperator
 
 __all__ = [
     "CurvatureOperator",
     "ModelOperator",
     "HessianOperator",
+    "GGNOperator",
+    "EmpiricalFisherOperator",
     "MatrixOperator",
     "LambdaOperator",
     "NonFiniteCurvatureError",
