@@ -30,7 +30,7 @@ from benchmarks.harness import base_record, environment, finite_or_none, format_
 from benchmarks.optimizers import OPTIMIZER_NAMES  # noqa: E402
 from benchmarks.workloads import WORKLOAD_NAMES  # noqa: E402
 
-SUITES = ("optimizer", "hvp", "diagnostics")
+SUITES = ("optimizer", "hvp", "diagnostics", "quality")
 
 
 def _names(text):
@@ -90,6 +90,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--power-max-matvecs", type=int, default=200,
                    help="power-iteration budget for top-1 (top-5 gets 2.5x; default 200)")
     g.add_argument("--slq-steps", type=int, default=100, help="SLQ Lanczos steps (default 100, as PyHessian's figure)")
+    g = p.add_argument_group("quality suite (time to a tuned baseline's quality; benchmarks/README.md, \"Time to quality\")")
+    g.add_argument("--quality-workloads", type=_names, default=None, help="subset of gpt_multi30k_char,cifar10_resnet")
+    g.add_argument("--quality-optimizers", type=_names, default=None,
+                   help="subset of the contenders (benchmarks/quality_optimizers.py QUALITY_OPTIMIZERS)")
+    g.add_argument("--quality-seeds", type=int, default=None, help="seeds of the best point (default 3; quick 1)")
+    g.add_argument("--quality-steps", type=int, default=None, help="training steps of every workload (default: sizes table)")
+    g.add_argument("--quality-data-dir", default=None,
+                   help="folder holding multi30k/ and cifar10-jpeg.tar.xz (default ../shared/data)")
+    g.add_argument("--quality-max-minutes", type=float, default=None,
+                   help="per workload: start no sweep point / seed group that would end past this budget (the "
+                        "summaries say where it stopped); default: no limit")
+    g.add_argument("--quality-append", action="store_true",
+                   help="keep the runs already in OUT/quality_runs.json (other contenders; e.g. a second pass for "
+                        "contenders that landed later) and summarize everything together")
     args = p.parse_args(argv)
     if args.repeats is None:
         args.repeats = 2 if args.quick else 10
@@ -114,6 +128,8 @@ def _run_suite(name: str, args, env, records, flush):
         from benchmarks.suite_optimizer import run_suite
     elif name == "hvp":
         from benchmarks.suite_hvp import run_suite
+    elif name == "quality":
+        from benchmarks.suite_quality import run_suite
     else:
         from benchmarks.suite_diagnostics import run_suite
     return run_suite(args, env, records, flush)
