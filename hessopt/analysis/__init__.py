@@ -12,6 +12,8 @@ module                 what
                        :func:`eigenvector_structures`
 ``landscape``          loss along eigen/random directions: :func:`loss_landscape`,
                        :func:`random_directions`
+``sensitivity``        per-layer / per-channel Hessian-trace sensitivity (HAWQ-V2) and quantization
+                       scores: :func:`hessian_sensitivity`, :func:`quantize`
 ``plots``              matplotlib figures (lazy import; ``pip install hessopt[plot]``)
 =====================  ===========================================================================
 """
@@ -21,6 +23,15 @@ from .landscape import Landscape, loss_landscape, random_directions
 from .layerwise import LayerSpectrum, LayerwiseSpectrum, layerwise, resolve_blocks
 from .lowrank import LowRankStructure, eigenvector_structures, low_rank_structure
 from .overlap import LayerwiseOverlap, eigenspace_overlap, layerwise_overlap
+from .sensitivity import (
+    BlockQuantization,
+    BlockSensitivity,
+    HessianSensitivity,
+    QuantizationSensitivity,
+    hessian_sensitivity,
+    quantization_error,
+    quantize,
+)
 from .plots import plot_density, plot_eigenvalue_evolution, plot_landscape, plot_layerwise
 
 __all__ = [
@@ -41,6 +52,13 @@ __all__ = [
     "loss_landscape",
     "random_directions",
     "Landscape",
+    "hessian_sensitivity",
+    "HessianSensitivity",
+    "BlockSensitivity",
+    "quantize",
+    "quantization_error",
+    "QuantizationSensitivity",
+    "BlockQuantization",
     "plot_density",
     "plot_eigenvalue_evolution",
     "plot_landscape",
