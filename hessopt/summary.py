@@ -137,7 +137,9 @@ def curvature_summary(
     if trace_method not in ("hutch++", "hutchinson"):
         raise ValueError(f"unknown trace method {trace_method!r}; choose 'hutch++' or 'hutchinson'")
     n = op.num_params
-    seed = summary_seed(generator)
+    # rank 0's seed on every rank of a distributed operator (identity otherwise), so that the
+    # recorded seed is the one the estimators use
+    seed = op.broadcast_seed(summary_seed(generator)) % SEED_MODULUS
     kk = min(k, n)
     budget = None if max_matvecs is None else max(min(max_matvecs, n), kk)
     with warnings.catch_warnings():
