@@ -193,6 +193,16 @@ def test_uneven_shards_are_weighted_by_sample_count(ranks, full_batch):
     assert ((h9 + h7) / 2 - full_batch["dense"]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("name", list(common.OTHER_OPERATORS))
+def test_ggn_fisher_and_finite_differences_average_over_ranks(ranks, full_batch, name):
+    """GGNOperator, EmpiricalFisherOperator and the finite-difference Hessian on the uneven shards
+    (5 + 4 samples on rank 0, 7 on rank 1) equal the single-process operator on all 16."""
+    want = common.OTHER_OPERATORS[name](common.build_model(), full_batch["data"]).to_dense()
+    tol = 1e-7 if name == "finite_difference" else 1e-12
+    for result in ranks:
+        torch.testing.assert_close(result[f"op/{name}/dense"], want, rtol=0, atol=tol)
+
+
 def test_an_empty_shard_counts_for_nothing(ranks, full_batch):
     """Rank 0 holds all 16 samples, rank 1 an empty list: both get the Hessian of the 16."""
     exact = torch.linalg.eigvalsh(full_batch["dense"])[-1]

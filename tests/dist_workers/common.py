@@ -98,6 +98,14 @@ def reference_run(mode: str, update_each: int, batches, after_step=None) -> List
     return params_of(model)
 
 
+#: the non-Hessian operators checked under torch.distributed (dense matrix on uneven shards)
+OTHER_OPERATORS = {
+    "ggn": lambda model, data: hessopt.GGNOperator(model, loss_fn, data),
+    "fisher": lambda model, data: hessopt.EmpiricalFisherOperator(model, loss_fn, data),
+    "finite_difference": lambda model, data: hessopt.HessianOperator(model, loss_fn, data, method="finite_difference"),
+}
+
+
 def diagnostics(op, seed: int = 7) -> dict:
     """What the sharded and the full-batch operators are compared on."""
     top = hessopt.top_eigenvalues(op, k=2, generator=seed)

@@ -97,6 +97,9 @@ def main(out: Path, rank: int, world: int) -> None:
     results["op/uneven"] = common.diagnostics(op_uneven)
     results["op/uneven/dense"] = op_uneven.to_dense()
     results["op/local/dense"] = hessopt.HessianOperator(model, common.loss_fn, equal, distributed=False).to_dense()
+    # the other curvature matrices follow the same protocol (uneven shards, weighted by sample count)
+    for name, build in common.OTHER_OPERATORS.items():
+        results[f"op/{name}/dense"] = build(model, uneven).to_dense()
     # an empty shard: rank 0 holds all 16 samples, rank 1 none (weight 0, not a hang or an error)
     lopsided = [common.shard(probe_data, 0, 16)] if rank == 0 else []
     op_lopsided = hessopt.HessianOperator(model, common.loss_fn, lopsided)
