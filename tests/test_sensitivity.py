@@ -356,3 +356,18 @@ def test_errors():
     with pytest.raises(ValueError, match="which the operator does not act on"):
         hessian_sensitivity(sub, model, num_probes=2)
     assert hessian_sensitivity(sub, model, blocks={"first": "^0\\."}, num_probes=2, generator=0).names == ("first",)
+
+
+@pytest.mark.parametrize("kind", ["ggn", "fisher"])
+def test_other_curvature_operators_give_their_own_block_traces(kind):
+    """Any operator over a model's parameters works: GGN and empirical Fisher, exact over all sign vectors."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1)).to(DT)
+    x, y = torch.randn(8, 2, dtype=DT), torch.randn(8, 1, dtype=DT)
+    cls = hessopt.GGNOperator if kind == "ggn" else hessopt.EmpiricalFisherOperator
+    op = cls(model, nn.MSELoss(), (x, y))
+    d = op.to_dense().diagonal()
+    sens = hessian_sensitivity(op, model, probes=all_signs(9))
+    assert sens["0"].trace == pytest.approx(float(d[:6].sum()), abs=1e-10)
+    assert sens["2"].trace == pytest.approx(float(d[6:].sum()), abs=1e-10)
+    assert all(float(b.channel_trace.min()) >= -1e-12 for b in sens)  # positive semi-definite matrices
