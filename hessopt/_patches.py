@@ -10,8 +10,9 @@ the logits. Both are done by replacing a module attribute (``torch.autograd.back
 * acts only for the threads inside such a block (a thread-local stack of payloads); every other
   thread's call passes through unchanged;
 * stays in place, passing calls through, when other code wrapped it meanwhile (removing it then
-  would drop the other wrapper). It is then reused by the next block instead of being wrapped a
-  second time, which is what made the old closure wrapper recurse forever under a foreign wrapper.
+  would drop the other wrapper); a call that comes back into it from such a wrapper goes to the
+  function underneath, so a foreign wrapper can never make it recurse (the old closure wrapper
+  recursed forever then).
 """
 from __future__ import annotations
 
@@ -35,14 +36,23 @@ class ThreadLocalPatch:
         self.owner, self.name, self.act = owner, name, act
         self._local = threading.local()
         self._installs = 0
-        self._original: Callable[..., Any] = getattr(owner, name)
-        self._left_in_chain = False  # our wrapper is still reachable inside a foreign one
+        self._base: Callable[..., Any] = getattr(owner, name)  # what was there when hessopt was imported
+        self._original: Callable[..., Any] = self._base  # what our wrapper calls: the attribute it replaced
 
         def wrapper(*args, **kwargs):
-            stack = getattr(self._local, "stack", None)
-            if stack:
-                return self.act(stack[-1], self._original, *args, **kwargs)
-            return self._original(*args, **kwargs)
+            local = self._local
+            if getattr(local, "busy", False):
+                # called again from inside our own call: a foreign wrapper that wrapped ours sits in
+                # self._original; go to the function underneath instead of around the loop again
+                return self._base(*args, **kwargs)
+            local.busy = True
+            try:
+                stack = getattr(local, "stack", None)
+                if stack:
+                    return self.act(stack[-1], self._original, *args, **kwargs)
+                return self._original(*args, **kwargs)
+            finally:
+                local.busy = False
 
         self.wrapper = wrapper
 
@@ -50,8 +60,9 @@ class ThreadLocalPatch:
     def active(self, payload: Any) -> Iterator[Any]:
         """Inside the block, this thread's calls of ``owner.name`` go through ``act`` with ``payload``."""
         with _LOCK:
-            if self._installs == 0 and not self._left_in_chain:
-                self._original = getattr(self.owner, self.name)
+            current = getattr(self.owner, self.name)
+            if current is not self.wrapper:
+                self._original = current
                 setattr(self.owner, self.name, self.wrapper)
             self._installs += 1
         stack = self._local.__dict__.setdefault("stack", [])
@@ -62,12 +73,9 @@ class ThreadLocalPatch:
             stack.pop()
             with _LOCK:
                 self._installs -= 1
-                if self._installs == 0:
-                    if getattr(self.owner, self.name) is self.wrapper:
-                        setattr(self.owner, self.name, self._original)
-                        self._left_in_chain = False
-                    else:  # wrapped by other code after us: stay in its chain, inert outside blocks
-                        self._left_in_chain = True
+                # code that wrapped ours meanwhile keeps its wrapper (ours inside it passes calls through)
+                if self._installs == 0 and getattr(self.owner, self.name) is self.wrapper:
+                    setattr(self.owner, self.name, self._original)
 
 
 # -- autograd.backward: build or keep the graph ------------------------------------------------------

@@ -33,8 +33,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import signal
-import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence
@@ -43,7 +41,7 @@ import torch
 
 from .._patches import capture_cross_entropy, graph_building_backward
 from ..hvp import second_order_safe
-from ._multi_tensor import commit_parameter_updates, curvature_flags, finite_flags
+from ._multi_tensor import commit_parameter_updates, curvature_flags, finite_flags, interrupts_held
 from .curvature import CurvatureInputs, CurvatureSource, make_curvature, needs_graph
 
 __all__ = ["CurvatureOptimizer", "KernelResult", "NonFiniteError", "SecondOrderGraphError"]
@@ -356,7 +354,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             return
         curvature = self._estimate(params, graph_grads, inv_scale, dist_ctx, run) if due else None
         results = self._compute_groups(entries, grads, curvature)
-        with _interrupts_held():
+        with interrupts_held():
             warn = self._commit(results)
         self._warn_about(*warn)
 
@@ -701,22 +699,6 @@ def _set_rng_states(devices: Sequence[torch.device], states: list) -> None:
     cuda = [d for d in devices if d.type == "cuda"]
     for d, s in zip(cuda, states[1:]):
         torch.cuda.set_rng_state(s, d)
-
-
-@contextlib.contextmanager
-def _interrupts_held():
-    """Hold back ``KeyboardInterrupt`` (SIGINT) until the block is done (main thread, default handler)."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield
-        return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
 
 
 def _make_sync(optimizer: CurvatureOptimizer):

@@ -3,13 +3,16 @@ host transfer, bias corrections, the clipped preconditioned step, and the all-or
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 __all__ = ["by_device_and_dtype", "finite_flags", "curvature_flags", "commit_parameter_updates",
-           "overflow_limit"]
+           "overflow_limit", "interrupts_held", "restore"]
 
 
 def by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> Dict[Tuple[torch.device, torch.dtype], List[int]]:
@@ -65,6 +68,29 @@ def curvature_flags(estimates: Sequence[Optional[torch.Tensor]]) -> Tuple[List[b
     return [f for f, _ in flags], [o and f for f, o in flags]
 
 
+@contextlib.contextmanager
+def interrupts_held():
+    """Hold back ``KeyboardInterrupt`` (SIGINT) until the block is done (main thread, default handler)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+def restore(targets: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> None:
+    """Copy ``saved`` back into ``targets`` (bit-exact), with interrupts held and torch-function
+    overrides off: a restore that is cut short would leave the weights perturbed."""
+    with interrupts_held(), torch._C.DisableTorchFunction(), torch.no_grad():
+        torch._foreach_copy_(list(targets), list(saved))
+
+
 def commit_parameter_updates(params: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor]) -> None:
     """``theta -= delta`` for every pair, all or nothing.
 
@@ -82,5 +108,5 @@ def commit_parameter_updates(params: Sequence[torch.Tensor], deltas: Sequence[to
             torch._foreach_sub_(ps, [deltas[i] for i in idx])
     except BaseException:
         for ps, saved in backups:
-            torch._foreach_copy_(ps, saved)
+            restore(ps, saved)
         raise

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from ..hvp import hvp_from_grads
 from ..probes import PROBE_DISTRIBUTIONS, probe
+from ._multi_tensor import restore
 
 __all__ = [
     "CurvatureInputs", "CurvatureSource", "Hutchinson", "GaussNewtonBartlett", "FiniteDifference",
@@ -304,10 +305,7 @@ class FiniteDifference(CurvatureSource):
                 terms = torch._foreach_mul(zs, diff)
                 total = list(terms) if total is None else torch._foreach_add(total, terms)
         finally:
-            with torch.no_grad():
-                torch._foreach_copy_(params, saved)
-                if buffers:
-                    torch._foreach_copy_(buffers, saved_buffers)
+            restore(params + buffers, saved + saved_buffers)
         if self.n_samples > 1:
             torch._foreach_div_(total, float(self.n_samples))
         return total
