@@ -228,3 +228,38 @@ def test_presets_and_arguments():
         hessopt.Sophia(model.parameters(), eps=0.0)
     with pytest.raises(TypeError, match="bias_correction must be a bool"):
         hessopt.Sophia(model.parameters(), bias_correction="yes")
+
+
+@pytest.mark.parametrize("curvature", ["gnb", "hutchinson"])
+def test_capture_block_is_the_explicit_form_of_every_source(float64, curvature):
+    """`with opt.capture(): forward; backward` then opt.step() equals the closure form bit for bit,
+    with and without GradScaler-style loss scaling."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    twins = [copy.deepcopy(model), copy.deepcopy(model)]
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    make = lambda ps: hessopt.Sophia(ps, lr=0.01, update_each=2, curvature=curvature)  # noqa: E731
+    a, b, c = make(model.parameters()), make(twins[0].parameters()), make(twins[1].parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    for _ in range(5):
+        a.step(_closure(a, lambda: F.cross_entropy(model(x), y)))
+        b.zero_grad()
+        with b.capture():
+            F.cross_entropy(twins[0](x), y).backward()
+        b.step()
+        c.zero_grad()
+        with c.capture():
+            scaler.scale(F.cross_entropy(twins[1](x), y)).backward()
+        scaler.step(c)
+        scaler.update()
+    for p, q, r in zip(model.parameters(), *[t.parameters() for t in twins]):
+        assert torch.equal(p, q)
+        torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
+
+
+def test_gnb_without_closure_or_capture_says_how():
+    model = nn.Linear(3, 2)
+    opt = hessopt.Sophia(model.parameters())
+    F.cross_entropy(model(torch.randn(4, 3)), torch.tensor([0, 1, 0, 1])).backward()
+    with pytest.raises(ValueError, match="needs the closure.*opt.capture"):
+        opt.step()

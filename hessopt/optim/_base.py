@@ -48,7 +48,7 @@ __all__ = ["CurvatureOptimizer", "KernelResult", "NonFiniteError", "SecondOrderG
 
 _PICKLED_GENERATORS = "_generator_states_of_copy"
 # never copied with the optimizer: rebuilt (generators from their states, the distributed hooks)
-_TRANSIENT = ("_generators", "_distributed", "_param_index")
+_TRANSIENT = ("_generators", "_distributed", "_param_index", "_captured")
 
 
 class SecondOrderGraphError(RuntimeError, ValueError):
@@ -264,6 +264,37 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._param_index = {id(p): i for i, p in enumerate(order)}
         return self._param_index
 
+    # -- the explicit form -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def capture(self):
+        """The explicit form for every source: run the forward pass and ``backward()`` inside the
+        block, then call :meth:`step` (no closure)::
+
+            with opt.capture():
+                loss = F.cross_entropy(model(x), y)
+                scaler.scale(loss).backward()   # or loss.backward()
+            scaler.step(opt)                    # or opt.step()
+
+        On curvature steps the block does what the closure form does: double-backward sources get a
+        graph-building ``backward()`` under :func:`hessopt.second_order_safe`; ``"gnb"`` records the
+        cross-entropy logits and keeps their graph for the step. On other steps it does nothing.
+        (``"finite_difference"`` evaluates the loss again and needs the closure form.)
+        """
+        source = self.curvature
+        if not self._curvature_due():
+            yield
+            return
+        if needs_graph(source):
+            with second_order_safe(), graph_building_backward(create_graph=True):
+                yield
+        elif source.needs_logits:
+            with capture_cross_entropy() as captures, graph_building_backward(create_graph=False, retain_graph=True):
+                yield
+            self._captured = list(captures)
+        else:
+            yield
+
     # -- the step --------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -295,8 +326,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _run_closure(self, closure, due: bool) -> _ClosureRun:
         """Run the closure; on curvature steps in the way the source needs."""
+        captured, self._captured = getattr(self, "_captured", []), []
         if closure is None:
-            return _ClosureRun()
+            return _ClosureRun(captures=captured if due else [])
         source = self.curvature
         with torch.enable_grad():
             if due and needs_graph(source):
@@ -366,8 +398,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise SecondOrderGraphError(_NO_GRAPH_AFTER_CLOSURE if has_closure else _MISSING_GRAPH.format(name=name))
         if source.needs_closure and not has_closure:
             raise ValueError(_NEEDS_CLOSURE.format(source=source, why="it evaluates the gradient again at perturbed weights"))
-        if source.needs_logits and not has_closure:
-            raise ValueError(_NEEDS_CLOSURE.format(source=source, why="it samples labels from the logits of the closure's cross-entropy call and backpropagates them once"))
+        if source.needs_logits and not has_closure and not run.captures:
+            raise ValueError(_NEEDS_CLOSURE.format(source=source, why="it samples labels from the logits of the closure's cross-entropy call and backpropagates them once") + "; or run the forward pass and backward() inside `with opt.capture():` before opt.step()")
         if (getattr(self, "found_inf", None) is not None and getattr(self, "grad_scale", None) is None
                 and source.scaled_by_loss_scale):
             # GradScaler sets found_inf but no grad_scale after unscale_(): the scale is lost for the estimate
