@@ -27,7 +27,8 @@ Every user error (a malformed spec, a missing module or attribute, a callable th
 returns the wrong type, an unreadable weights file) is printed as ``hessopt analyze: error: ...``
 with exit status 2 and no traceback (``--debug`` shows it).
 
-Checkpoints of this repository's image-classification recipe are analyzed through its adapter,
+In a clone of the hessopt repository, checkpoints of its image-classification recipe are analyzed
+through the recipe's adapter (not part of the package),
 ``recipes/image_classification/analyze.py`` (or ``--model-fn
 recipes.image_classification.checkpoint:build_model --data-fn
 recipes.image_classification.checkpoint:batches`` from the repository root).
@@ -373,8 +374,8 @@ def build_model(args: argparse.Namespace):
     if not sources:
         raise CLIError(
             "no model: pass --model-fn MODULE:FUNCTION (a callable returning your nn.Module) or --timm NAME"
-            + (" and the weights file" if weights else "") + "; checkpoints of this repository's image-"
-            "classification recipe: python recipes/image_classification/analyze.py CHECKPOINT --out DIR")
+            + (" and the weights file" if weights else "") + " (in a clone of the hessopt repository, checkpoints "
+            "of its image-classification recipe: python recipes/image_classification/analyze.py CHECKPOINT --out DIR)")
     if len(sources) > 1:
         raise CLIError(f"one model source, please: got {' and '.join(sources)} (--model-fn, --model, --timm)")
     kwargs = _kwargs(args.model_arg, args.model_args, "model-arg")

@@ -196,3 +196,15 @@ def test_console_entry_points_exit_2_without_a_traceback(tmp_path):
     res = subprocess.run([sys.executable, "-m", "hessopt.cli", "analyze", "--help"], capture_output=True, text=True,
                          env=env, timeout=300)
     assert res.returncode == 0 and "--model-fn" in res.stdout and "--data-fn" in res.stdout
+
+
+@pytest.mark.parametrize("matrix,cls", [("ggn", "GGNOperator"), ("fisher", "EmpiricalFisherOperator")])
+def test_matrix_reaches_the_report(in_tests, tmp_path, matrix, cls):
+    out = tmp_path / matrix
+    assert main(["analyze", "--model-fn", "analyze_fixtures:build", "--data-fn", "analyze_fixtures:batches",
+                 "--loss", "cross_entropy", "--matrix", matrix, "--out", str(out), "-k", "2", *FAST]) == 0
+    op = getattr(hessopt, cls)(fx.build(), nn.CrossEntropyLoss(), fx.batches())
+    dense = torch.linalg.eigvalsh(op.to_dense()).flip(0)[:2]
+    report = _report(out)
+    assert report["config"]["matrix"] == matrix
+    assert report["summary"]["top_eigenvalues"] == pytest.approx(dense.tolist(), rel=1e-7)
