@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # torch and torchvision are pinned to the builds served from this machine's disk (see README).
 TORCH  := torch==2.14.1 torchvision==0.29.1
-EXTRAS := dev,timm,plot,fairseq
+EXTRAS := dev,timm,plot,fairseq,recipes
 
 .PHONY: venv test demo bench-quick clean
 
@@ -18,8 +18,10 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
+# the suite, then the >>> examples in hessopt's docstrings (their names come from ./conftest.py)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --doctest-modules hessopt
 
 demo: $(STAMP)
 	$(PY) recipes/demo.py --out runs/demo
