@@ -5,8 +5,9 @@ Every estimator returns one of these dataclasses rather than a bare tuple, so th
 :meth:`to_dict` (plain Python numbers and lists, ready for ``json.dumps``).
 
 **One serializer.** :func:`to_plain` turns any result (and tensors, tuples, dicts of them) into
-plain Python values; every ``to_dict`` here, the monitor's records (:class:`hessopt.CurvatureMonitor`)
-and the report (:func:`hessopt.report`) go through it.
+plain Python values and :func:`dataclass_dict` a result dataclass into a dict of them; every
+``to_dict`` here, the monitor's records (:class:`hessopt.CurvatureMonitor`) and the report
+(:func:`hessopt.report`) go through them.
 
 **One name per quantity.** An estimator's own result names its fields in its own terms
 (:class:`EigenResult` ``eigenvalues``, ``error_bounds``, ``converged``; :class:`TraceResult`
@@ -35,7 +36,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["EigenResult", "TraceResult", "LanczosResult", "SpectralDensity", "CurvatureSummary", "to_plain"]
+__all__ = ["EigenResult", "TraceResult", "LanczosResult", "SpectralDensity", "CurvatureSummary", "to_plain",
+           "dataclass_dict"]
 
 
 def to_plain(value: Any) -> Any:
@@ -58,6 +60,23 @@ def to_plain(value: Any) -> Any:
 _plain = to_plain  # the name hessopt.analysis._common imports
 
 
+def dataclass_dict(obj: Any) -> Dict[str, Any]:
+    """A result dataclass's fields as plain values (:func:`to_plain`): what every ``to_dict`` returns.
+
+    Fields named in the class's ``_skip_in_dict`` (bulky vectors) are left out, and so are fields
+    named in ``_omit_if_none`` whose value is ``None`` (not computed).
+    """
+    skip = getattr(obj, "_skip_in_dict", ())
+    omit = getattr(obj, "_omit_if_none", ())
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in skip or (value is None and f.name in omit):
+            continue
+        out[f.name] = to_plain(value)
+    return out
+
+
 class _ToDict:
     #: fields left out of :meth:`to_dict` (bulky vectors)
     _skip_in_dict: Tuple[str, ...] = ()
@@ -66,13 +85,7 @@ class _ToDict:
 
     def to_dict(self) -> Dict[str, Any]:
         """The fields as plain Python values (:func:`to_plain`), minus bulky vectors."""
-        out = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            if f.name in self._skip_in_dict or (value is None and f.name in self._omit_if_none):
-                continue
-            out[f.name] = to_plain(value)
-        return out
+        return dataclass_dict(self)
 
 
 @dataclasses.dataclass(frozen=True)
