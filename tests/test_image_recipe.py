@@ -409,3 +409,17 @@ def test_a_full_disk_while_saving_leaves_the_last_checkpoint_and_no_partial_file
     # and the run resumes from it once there is space again
     assert train.main(_cfg(tmp_path, opt="sgd", epochs=2, resume=True))["epoch"] == 2
     assert [r["epoch"] for r in _jsonl(out / "metrics.jsonl")] == [1, 2]
+
+
+def test_summarize_reads_a_killed_run(tmp_path, capsys):
+    """summarize.py on a run killed mid-write and without config.json: the checkpoint's options, the whole records."""
+    spec = importlib.util.spec_from_file_location("image_classification_summarize", SCRIPT.with_name("summarize.py"))
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    train.main(_cfg(tmp_path, opt="sgd"))
+    out = tmp_path / "run"
+    (out / "config.json").unlink()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "val_a')
+    row = summarize.summarize(out)
+    assert row.startswith("| sgd | digits_cnn | 1 |")

@@ -14,9 +14,34 @@ import sys
 from pathlib import Path
 
 
+def _resolved(run: Path) -> dict:
+    """The run's resolved options: config.json, else the checkpoint (the source of truth)."""
+    if (run / "config.json").exists():
+        return json.loads((run / "config.json").read_text())["resolved"]
+    root = str(Path(__file__).resolve().parents[2])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from recipes.image_classification.checkpoint import read_checkpoint
+
+    return read_checkpoint(run / "checkpoint.pt", require=("resolved",))["resolved"]
+
+
+def _records(path: Path) -> list:
+    """Epoch records; a truncated last line (a run killed while writing it) is left out."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise
+    return records
+
+
 def summarize(run: Path) -> str:
-    resolved = json.loads((run / "config.json").read_text())["resolved"]
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    resolved = _resolved(run)
+    records = _records(run / "metrics.jsonl")
     if not records:
         return f"| {run.name} | no epochs logged | | | | |"
     times = [r["time_s"] for r in records]
