@@ -1,6 +1,7 @@
 """hessopt: an AdaHessian optimizer and Hessian diagnostics for PyTorch, on one HVP core.
 
-The public API is flat; names are grouped below as in DESIGN.md.
+The public API is flat; names are grouped below by layer: core, operators, estimators, spectrum,
+optimizers, monitor.
 """
 from .hvp import hvp, hvp_from_grads, second_order_safe
 from .operators import (

@@ -6,7 +6,8 @@ the graph-building backward (``create_graph=True``) and the backward *of that ba
 in the third with ``batchnorm_double_backward``, a generic composite of about a hundred small
 kernels (it reduces over one dimension at a time and recomputes many terms). That composite is why
 an HVP through a train-mode BatchNorm network costs 7.3 gradients where the same network without
-BatchNorm costs 4.7 (``../shared/FIELD_NOTES.md``, "Where HVP time goes").
+BatchNorm costs 4.7 (torchvision resnet50, 224x224, batch 64, one H100; measured by the hessopt
+authors).
 
 Here the three passes are:
 

@@ -34,7 +34,7 @@ CPU and CUDA RNG states are restored; ``p.grad`` is never written (``torch.autog
 training run with the monitor is bit-identical to one without (tested).
 
 Cost per evaluation, in Hessian-vector products (each about 4-5 gradient computations for a
-ResNet, FIELD_NOTES.md): ``max_matvecs`` (Lanczos, default ``max(30, 8k)``) + ``trace_matvecs``
+ResNet: 4.9 for CIFAR ResNet20, and for resnet50 with BatchNorm in eval mode, on one H100): ``max_matvecs`` (Lanczos, default ``max(30, 8k)``) + ``trace_matvecs``
 (default 30) + ``density_steps`` if enabled; plus one gradient and one loss evaluation.
 
 Plots of the records (matplotlib, ``pip install hessopt[plot]``) live with the other plots:

@@ -1,4 +1,5 @@
-"""Spatial averaging of the Hessian-diagonal estimate: one test per shape rule (FIELD_NOTES pitfall 1).
+"""Spatial averaging of the Hessian-diagonal estimate: one test per shape rule (peer implementations
+average only 4-D conv weights and crash on or drop 3-D/5-D ones).
 
 Rules (hessopt/optim/averaging.py): 0-D/1-D never averaged; 2-D not averaged unless block_length=B
 (blocks of B along the last dimension, trailing partial block on its own); >= 3-D (Conv1d/2d/3d

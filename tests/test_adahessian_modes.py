@@ -1,5 +1,6 @@
 """The three ways to drive AdaHessian (closure, explicit create_graph, AMP), lazy Hessian updates,
-attention models, torch.compile, and the errors that say what to do (FIELD_NOTES pitfalls 3, 5, 7).
+attention models, torch.compile, and the errors that say what to do (faults seen in peer AdaHessians: lazy
+updates off by one, the AMP loss scale left in z*Hz, torch.compile's missing double backward).
 """
 from __future__ import annotations
 
@@ -293,7 +294,7 @@ def _scaler_run(init_scale, steps=4, update_each=1):
 
 
 def test_grad_scaler_unscales_the_hessian_like_the_gradient():
-    """Loss scale 1 and 1024 (and no scaler) give the same steps: z*Hz is unscaled too (pitfall 5)."""
+    """Loss scale 1 and 1024 (and no scaler) give the same steps: z*Hz is unscaled too (peers leave the loss scale in it)."""
     x, y = _data()
     plain = _mlp()
     opt = hessopt.AdaHessian(plain.parameters(), lr=0.05)
@@ -436,7 +437,7 @@ def test_explicit_mode_through_fused_attention_says_what_to_do():
 
 @pytest.mark.parametrize("mode", ["closure", "explicit"])
 def test_compiled_model_raises_a_clear_error(mode):
-    """torch.compile cannot differentiate twice (pitfall 7). aot_eager compiles in about a second;
+    """torch.compile cannot differentiate twice (it has no double backward). aot_eager compiles in about a second;
     inductor on CPU (about 20 s here, checked by hand) fails the same way with the same message."""
     torch._dynamo.reset()
     model = _mlp(dtype=torch.float32)

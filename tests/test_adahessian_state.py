@@ -1,4 +1,5 @@
-"""State, resume, memory and robustness of AdaHessian (FIELD_NOTES pitfalls 2 and 6), and every
+"""State, resume, memory and robustness of AdaHessian (peers keep the Hessian on the Parameter,
+outside state_dict, and leave backward(create_graph=True)'s parameter <-> grad reference cycle), and every
 validation error with its message.
 """
 from __future__ import annotations
@@ -259,7 +260,7 @@ def _explicit_steps(opt, model, tracer, steps):
 
 def test_no_gradient_keeps_its_graph():
     """update_each=4 with create_graph on every step: the graphs of non-Hessian steps are never
-    consumed by an HVP; only the optimizer's detaching of p.grad frees them (pitfall 6)."""
+    consumed by an HVP; only the optimizer's detaching of p.grad frees them (PyTorch warns of the reference cycle)."""
     tracer = _GraphTracer()
     model = _traced_model(tracer)
     opt = hessopt.AdaHessian(model.parameters(), update_each=4)

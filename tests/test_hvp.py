@@ -105,9 +105,9 @@ class ExplicitBatchNorm2d(nn.Module):
 def _train_mode_reference(model):
     """A copy of the CNN whose BatchNorm uses batch statistics, written out, with no buffers.
 
-    HELPERS.md suggests ``F.batch_norm(x, None, None, w, b, training=True)`` (or
-    ``track_running_stats=False``) under ``torch.func.hessian``; on torch 2.14 that oracle is itself
-    wrong: its (bn.weight, conv.bias) block is non-zero and the matrix is not symmetric, while finite
+    The usual oracle, ``F.batch_norm(x, None, None, w, b, training=True)`` (or
+    ``track_running_stats=False``) under ``torch.func.hessian``, is itself wrong on torch 2.14
+    (pytorch#196699): its (bn.weight, conv.bias) block is non-zero and the matrix is not symmetric, while finite
     differences, a plain double backward and this explicit formula agree (conv.bias is cancelled by
     the batch mean, so its rows must be zero; see test_train_mode_oracle_sanity).
     """

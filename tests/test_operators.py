@@ -443,7 +443,7 @@ def test_lambda_operator_rejects_bad_functions():
 
 
 # ---------------------------------------------------------------------------------------------
-# Models left exactly as found, on real-architecture patterns (issue 12, item 7)
+# Models left exactly as found, on real-architecture patterns
 # ---------------------------------------------------------------------------------------------
 
 
@@ -571,7 +571,7 @@ def test_a_module_registered_twice_keeps_its_parameter_objects(op_class, dense_h
 
 
 # ---------------------------------------------------------------------------------------------
-# HF-style dict batches and loss_fn(model, batch) (issue 13, item 2)
+# HF-style dict batches and loss_fn(model, batch)
 # ---------------------------------------------------------------------------------------------
 
 
