@@ -16,6 +16,17 @@ Each optimizer is driven the way its own documentation says:
 ``pytorch_optimizer_sophiah``      ``pytorch_optimizer.SophiaH`` (``update_period=10``): ``create_graph=True``
                                    on the steps where it estimates the Hessian (its 1st, 11th, ...), a
                                    plain backward otherwise; timed over 10-step windows
+``hessopt_sophia_g_k10``           ``hessopt.Sophia(curvature="gnb", update_each=10)``, ``step(closure)``:
+                                   labels sampled inside the optimizer from the closure's logits; 10-step
+                                   windows
+``hessopt_sophia_h_k10``           ``hessopt.Sophia(curvature="hutchinson", update_each=10)``, ``step(closure)``
+``hessopt_adahessian_gnb``         ``hessopt.AdaHessian(curvature="gnb")``, every step, ``step(closure)``
+``hessopt_adahessian_fd``          ``hessopt.AdaHessian(curvature="finite_difference")`` (forward differences:
+                                   one extra gradient), every step, ``step(closure)``
+``sophia_opt_sophiag``             ``sophia_opt.SophiaG`` (the official code): ``loss.backward(); step(bs=B)``,
+                                   and after every 10th step the official script's Hessian update: a second
+                                   forward, labels sampled from its softmax, ``backward()``,
+                                   ``update_hessian()``; 10-step windows
 =================================  ========================================================================
 
 Peers are optional imports: one that is not installed is reported as skipped (a record with
@@ -43,6 +54,11 @@ OPTIMIZER_NAMES = (
     "torch_optimizer_adahessian",
     "pytorch_optimizer_adahessian",
     "pytorch_optimizer_sophiah",
+    "hessopt_sophia_g_k10",
+    "hessopt_sophia_h_k10",
+    "hessopt_adahessian_gnb",
+    "hessopt_adahessian_fd",
+    "sophia_opt_sophiag",
 )
 
 # How a step is run: "first_order", "closure" (hessopt), "create_graph" (every step),
@@ -52,6 +68,8 @@ _DRIVE_TEXT = {
     "closure": "step(closure) with a plain loss.backward() inside the closure",
     "create_graph": "zero_grad(); loss.backward(create_graph=True); step()",
     "create_graph_every_10": "zero_grad(); loss.backward(create_graph=(step % 10 == 0)); step()",
+    "sophia_official": "zero_grad(); loss.backward(); step(bs=B); every 10th step also: forward, sample "
+                       "y ~ softmax(logits), CE(logits, y).backward(), update_hessian(), zero_grad()",
 }
 
 
@@ -99,6 +117,20 @@ def _specs() -> List[OptimizerSpec]:
         OptimizerSpec("pytorch_optimizer_sophiah", "pytorch_optimizer",
                       lambda p: _import("pytorch_optimizer").SophiaH(p, lr=0.01, update_period=10),
                       "create_graph_every_10", window=10, hyper=dict(lr=0.01, update_period=10)),
+        OptimizerSpec("hessopt_sophia_g_k10", "hessopt",
+                      lambda p: hessopt.Sophia(p, lr=1e-3, update_each=10, curvature="gnb"), "closure", window=10,
+                      hyper=dict(lr=1e-3, update_each=10, curvature="gnb", rho=0.04)),
+        OptimizerSpec("hessopt_sophia_h_k10", "hessopt",
+                      lambda p: hessopt.Sophia(p, lr=1e-3, update_each=10, curvature="hutchinson"), "closure",
+                      window=10, hyper=dict(lr=1e-3, update_each=10, curvature="hutchinson", rho=0.04)),
+        OptimizerSpec("hessopt_adahessian_gnb", "hessopt", lambda p: hessopt.AdaHessian(p, curvature="gnb", **ah),
+                      "closure", hyper=dict(ah, curvature="gnb")),
+        OptimizerSpec("hessopt_adahessian_fd", "hessopt",
+                      lambda p: hessopt.AdaHessian(p, curvature="finite_difference", **ah), "closure",
+                      hyper=dict(ah, curvature="finite_difference")),
+        OptimizerSpec("sophia_opt_sophiag", "sophia_opt",
+                      lambda p: _import("sophia_opt").SophiaG(p, lr=1e-3, rho=0.04), "sophia_official", window=10,
+                      hyper=dict(lr=1e-3, rho=0.04, hessian_every=10)),
     ]
 
 
@@ -117,9 +149,27 @@ def missing_package(spec: OptimizerSpec) -> Optional[str]:
     try:
         _import(spec.module)
     except ImportError as err:
-        pip = {"torch_optimizer": "torch-optimizer", "pytorch_optimizer": "pytorch-optimizer", "timm.optim": "timm"}
+        pip = {"torch_optimizer": "torch-optimizer", "pytorch_optimizer": "pytorch-optimizer", "timm.optim": "timm",
+               "sophia_opt": "sophia-opt"}
         return f"not installed: {spec.module} ({type(err).__name__}: {err}); pip install {pip.get(spec.module, spec.module)}"
     return None
+
+
+def _predictions(y: torch.Tensor) -> int:
+    """The number of predictions in a batch of targets (the official SophiaG's ``bs``)."""
+    return y.numel()
+
+
+def _official_sophia_hessian_update(opt, model, x) -> None:
+    """The official Sophia-G training script's Hessian step: a forward pass, labels sampled from the
+    model's softmax, a backward of their mean cross-entropy, ``update_hessian()``."""
+    opt.zero_grad(set_to_none=True)
+    logits = model(x)
+    flat = logits.reshape(-1, logits.shape[-1])
+    sampled = torch.multinomial(torch.softmax(flat.float(), dim=-1), 1).view(-1)
+    torch.nn.functional.cross_entropy(flat, sampled).backward()
+    opt.update_hessian()
+    opt.zero_grad(set_to_none=True)
 
 
 def make_driver(spec: OptimizerSpec, model: torch.nn.Module, opt: torch.optim.Optimizer, batch, loss_fn):
@@ -150,9 +200,16 @@ def make_driver(spec: OptimizerSpec, model: torch.nn.Module, opt: torch.optim.Op
                 loss.backward()
             elif spec.drive == "create_graph":
                 loss.backward(create_graph=True)
+            elif spec.drive == "sophia_official":
+                loss.backward()
             else:  # create_graph_every_10: SophiaH estimates the Hessian on its 1st, 11th, ... step
                 loss.backward(create_graph=(i % 10 == 0))
-            opt.step()
+            if spec.drive == "sophia_official":
+                opt.step(bs=_predictions(y))
+                if i % 10 == 9:
+                    _official_sophia_hessian_update(opt, model, x)
+            else:
+                opt.step()
         state["i"] = i + 1
         return loss
 

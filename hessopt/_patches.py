@@ -2,8 +2,9 @@
 
 The optimizers need to change what a user's *unchanged* closure does on curvature steps: its
 ``loss.backward()`` must build (or keep) the graph, and its ``F.cross_entropy`` call must hand over
-the logits. Both are done by replacing a module attribute (``torch.autograd.backward``,
-``torch.nn.functional.cross_entropy``) with a wrapper that
+the logits. The logits are taken by a torch function mode (:class:`_CrossEntropyCapture`, per
+thread by torch's own rule). ``backward()`` is changed by replacing ``torch.autograd.backward`` with
+a wrapper (``Tensor.backward`` calls it; a function mode does not see it) that
 
 * is installed while at least one thread is inside an :meth:`ThreadLocalPatch.active` block
   (reference-counted under one lock, :data:`_LOCK`) and removed when the last one leaves;
@@ -23,8 +24,9 @@ from typing import Any, Callable, Iterator, List
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["ThreadLocalPatch", "BACKWARD", "CROSS_ENTROPY", "graph_building_backward", "capture_cross_entropy"]
+__all__ = ["ThreadLocalPatch", "BACKWARD", "graph_building_backward", "capture_cross_entropy"]
 
 _LOCK = threading.Lock()
 
@@ -120,19 +122,30 @@ def graph_building_backward(create_graph: bool = True, retain_graph: bool = Fals
 
 # -- F.cross_entropy: hand over the logits -------------------------------------------------------------
 
+_CROSS_ENTROPY = F.cross_entropy
 _CROSS_ENTROPY_SIGNATURE = inspect.signature(F.cross_entropy)
 
 
-def _cross_entropy(captures: List[dict], original, *args, **kwargs):
-    bound = _CROSS_ENTROPY_SIGNATURE.bind(*args, **kwargs)
-    bound.apply_defaults()
-    a = bound.arguments
-    captures.append({"logits": a["input"], "target": a["target"], "ignore_index": a["ignore_index"],
-                     "reduction": a["reduction"], "size_average": a["size_average"], "reduce": a["reduce"]})
-    return original(*args, **kwargs)
+class _CrossEntropyCapture(TorchFunctionMode):
+    """Records every ``F.cross_entropy`` call made while it is active (this thread only: torch keeps
+    function modes per thread). A function mode, not an attribute patch, so that calls through a
+    reference taken earlier (``loss_fn = F.cross_entropy``, ``from torch.nn.functional import
+    cross_entropy``, ``nn.CrossEntropyLoss``) are seen too; the call itself runs unchanged."""
 
+    def __init__(self):
+        super().__init__()
+        self.captures: List[dict] = []
 
-CROSS_ENTROPY = ThreadLocalPatch(F, "cross_entropy", _cross_entropy)
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _CROSS_ENTROPY:
+            bound = _CROSS_ENTROPY_SIGNATURE.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            self.captures.append({"logits": a["input"], "target": a["target"], "ignore_index": a["ignore_index"],
+                                  "reduction": a["reduction"], "size_average": a["size_average"],
+                                  "reduce": a["reduce"]})
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -140,5 +153,5 @@ def capture_cross_entropy() -> Iterator[List[dict]]:
     """Record every ``F.cross_entropy`` call of this thread inside the block (``nn.CrossEntropyLoss``
     and HuggingFace models call it too): a list of dicts with ``logits`` (graph attached), ``target``,
     ``ignore_index`` and ``reduction``."""
-    with CROSS_ENTROPY.active([]) as captures:
-        yield captures
+    with _CrossEntropyCapture() as mode:
+        yield mode.captures

@@ -139,6 +139,26 @@ def test_gradient_concentration_on_a_model_matches_dense():
     assert r.grad_norm == pytest.approx(float(g.norm()), rel=1e-10)
 
 
+@pytest.mark.parametrize("seed", [4, 13, 17])
+def test_gradient_concentration_default_tolerance_targets_the_eigenvectors(seed):
+    """Close second and third eigenvalues (3, 2.95): an eigenvalue bound of 1e-3 still leaves the
+    top-2 eigenspace tilted by ~0.1 (the fraction was 0.313 or 0.473 instead of 0.36); the
+    Davis-Kahan stopping rule makes the default ``tol`` the fraction's absolute accuracy."""
+    n, k = 20, 2
+    lam = torch.cat([torch.tensor([4.0, 3.0, 2.95, 2.9], dtype=DT), torch.linspace(1, -1, n - 4, dtype=DT)])
+    Q = orthogonal(n, seed=seed)
+    H = Q @ torch.diag(lam) @ Q.T
+    H = (H + H.T) / 2
+    c = torch.zeros(n, dtype=DT)
+    c[:k] = (0.36 / k) ** 0.5  # 0.36 of ||g||^2 in the top-2 eigenspace, the rest along v3..v5
+    c[k:k + 3] = (0.64 / 3) ** 0.5
+    g = Q @ c
+    r = gradient_concentration(H, grad=g, k=k)
+    assert abs(r.fraction - 0.36) <= 1e-3
+    assert r.error_bound is not None and abs(r.fraction - 0.36) <= r.error_bound <= 1e-3
+    assert gradient_concentration(grad=g, k=k, eigenvectors=Q[:, :k]).error_bound is None
+
+
 def test_gradient_concentration_errors():
     H = torch.eye(3, dtype=DT)
     with pytest.raises(ValueError, match="gradient is zero"):
@@ -201,14 +221,14 @@ def test_layerwise_blocks_equal_diagonal_blocks_of_the_dense_hessian():
         block = H[lo:hi, lo:hi]
         evals = torch.linalg.eigvalsh(block).flip(0)
         assert row.num_params == hi - lo
-        assert row.eigenvalues.tolist() == pytest.approx(evals[:3].tolist(), abs=1e-8)
+        assert row.top_eigenvalues.tolist() == pytest.approx(evals[:3].tolist(), abs=1e-8)
         assert row.trace == pytest.approx(float(block.trace()), abs=1e-8)  # Hutch++ sketch spans the block
         assert row.trace_std_error == 0.0
         # 20 >= n Lanczos steps exhaust the Krylov space: the quadrature nodes are eigenvalues of the block
         nodes = row.density.nodes[0]
         assert (nodes[:, None] - evals[None, :]).abs().min(dim=1).values.max() < 1e-8
         V = row.eigenvectors
-        assert torch.allclose(block @ V, V * row.eigenvalues, atol=1e-5)  # residual ~ sqrt(eigenvalue error)
+        assert torch.allclose(block @ V, V * row.top_eigenvalues, atol=1e-5)  # residual ~ sqrt(eigenvalue error)
     json.dumps(table.to_dict())
     assert "| `0` | 15 |" in table.to_markdown()
     assert table["2"].num_params == 12
@@ -236,7 +256,7 @@ def test_layerwise_block_across_modules_matches_dense():
     names = ["0.weight", "2.weight"]
     H = dense_hessian(model, loss, x, y, names=names)
     table = layerwise(model, loss, (x, y), blocks={"weights": r"weight$"}, k=2, trace_matvecs=0, tol=1e-10)
-    assert table[0].eigenvalues.tolist() == pytest.approx(torch.linalg.eigvalsh(H).flip(0)[:2].tolist(), abs=1e-8)
+    assert table[0].top_eigenvalues.tolist() == pytest.approx(torch.linalg.eigvalsh(H).flip(0)[:2].tolist(), abs=1e-8)
     assert math.isnan(table[0].trace)
 
 

@@ -263,3 +263,16 @@ def test_finite_difference_works_with_reentrant_checkpointing(float64):
         ref_opt.step(closure_of(ref_opt, ref, False))
     for p, q in zip(block.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-9)
+
+
+def test_gnb_sees_cross_entropy_through_any_reference():
+    """Calls through a reference taken before the step (a stored loss_fn, nn.CrossEntropyLoss, an
+    imported name) are captured: the capture is a torch function mode, not an attribute patch."""
+    from torch.nn.functional import cross_entropy as imported
+
+    model = nn.Linear(3, 4)
+    x, y = torch.randn(6, 3), torch.randint(0, 4, (6,))
+    for loss_fn in (F.cross_entropy, imported, nn.CrossEntropyLoss()):
+        with hessopt._patches.capture_cross_entropy() as captures:
+            loss_fn(model(x), y)
+        assert len(captures) == 1 and captures[0]["logits"].shape == (6, 4)
