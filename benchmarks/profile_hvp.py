@@ -27,8 +27,8 @@ For each workload of :mod:`benchmarks.workloads` (CIFAR ResNet20 b128, timm resn
   paths on and off and of one AdaHessian step, plus device time grouped by kernel family.
 
 Outputs: ``profile_hvp.json`` (everything), ``profile_hvp.txt`` (summary and the tables), one
-``profile_<workload>_<what>.txt`` per profiler table. The summary compares against the targets of
-issue 8: AdaHessian step <= 3.0x AdamW, Hessian every 10 steps <= 1.3x, peak memory <= 1.5x AdamW,
+``profile_<workload>_<what>.txt`` per profiler table. The summary compares against the project's GPU
+targets: AdaHessian step <= 3.0x AdamW, Hessian every 10 steps <= 1.3x, peak memory <= 1.5x AdamW,
 one HVP <= 3x one gradient.
 """
 from __future__ import annotations

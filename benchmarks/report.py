@@ -1,16 +1,17 @@
-"""Markdown report (results.md) from the JSON records, with the peer figures of FIELD_NOTES quoted beside them."""
+"""Markdown report (results.md) from the JSON records, with the peer figures (measured by the hessopt authors
+with the peers' own code on one H100) beside them."""
 from __future__ import annotations
 
 from typing import Any, Dict, Iterable, List, Optional
 
 from .optimizers import OPTIMIZER_NAMES
 
-FIELD_NOTES_SOURCE = (
-    "quoted from `../shared/FIELD_NOTES.md` (\"Measured here\": one NVIDIA H100, torch 2.11, timm 1.0.29); "
-    "measured by the project with the peers' own code, not re-run by this suite"
+PEER_SOURCE = (
+    "measured by the hessopt authors with the peers' own code on one NVIDIA H100, torch 2.11, "
+    "timm 1.0.29; not re-run by this suite"
 )
 
-# FIELD_NOTES.md, optimizer table (peer step time as a multiple of AdamW's, peak memory)
+# the peers' optimizer table (peer step time as a multiple of AdamW's, peak memory)
 PEER_OPTIMIZER_FIGURES = [
     ("CIFAR ResNet20, batch 128, 32x32", "10.4 ms", "timm 6.26x, torch-optimizer 6.19x, pytorch-optimizer 5.24x",
      "1.61x", "0.27 → 0.54-0.69"),
@@ -26,7 +27,7 @@ PEER_HVP_FIGURES = (
     "Forward-over-reverse (`torch.func.jvp(grad)`) fails on BatchNorm in train mode and was 5.5x on the GPT."
 )
 
-# FIELD_NOTES.md, diagnostics on a CIFAR ResNet20 trained 10 epochs (82% test accuracy), 1024 test images,
+# the peers' diagnostics on a CIFAR ResNet20 trained 10 epochs (82% test accuracy), 1024 test images,
 # BatchNorm in eval mode, H100: one HVP = 3.7 gradients (111 ms)
 PEER_DIAGNOSTICS_FIGURES = [
     ("PyHessian power iteration, top-1 (tol 1e-3)", "7", "0.6", "rel. error 1.9e-3 (stops on a relative change)"),
@@ -116,7 +117,7 @@ def optimizer_section(records: List[Dict[str, Any]]) -> List[str]:
             out.append(f"| {wl} | {n} | {_f(r.get('step_ms'))}{span} | {_f(r.get('ratio_to_adamw'))} | "
                        f"{_f(r.get('peak_mem_gib'))} | {_f(r.get('mem_ratio_to_adamw'))} | "
                        f"{_f(r.get('last_loss'), '{:.3g}')} | {_err(r)} |")
-    out += ["", f"Peer figures ({FIELD_NOTES_SOURCE}):", "",
+    out += ["", f"Peer figures ({PEER_SOURCE}):", "",
             "| workload | AdamW step | peer AdaHessian step (x AdamW) | peer SophiaH (x AdamW, Hessian every 10) | peak GiB AdamW → AdaHessian |",
             "|---|---|---|---|---|"]
     out += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in PEER_OPTIMIZER_FIGURES]
@@ -153,7 +154,7 @@ def hvp_section(records: List[Dict[str, Any]]) -> List[str]:
             span = "" if r.get("step_ms_min") is None else f" ({r['step_ms_min']:.2f}-{r['step_ms_max']:.2f})"
             out.append(f"| {wl} | {m} | {_f(r.get('step_ms'))}{span} | {_f(r.get('ratio_to_grad'))} | "
                        f"{_f(r.get('ratio_to_adamw'))} | {_f(r.get('peak_mem_gib'))} | {_err(r)} |")
-    out += ["", f"Peer figures ({FIELD_NOTES_SOURCE}): {PEER_HVP_FIGURES}", ""]
+    out += ["", f"Peer figures ({PEER_SOURCE}): {PEER_HVP_FIGURES}", ""]
     return out
 
 
@@ -221,7 +222,7 @@ def diagnostics_section(records: List[Dict[str, Any]]) -> List[str]:
         else:
             label, result = m, _err(r)
         out.append(f"| {label} | {r.get('matvecs', '–')} | {secs} | {result} |")
-    out += ["", f"Peers ({FIELD_NOTES_SOURCE}; {PEER_DIAGNOSTICS_CONTEXT}):", "",
+    out += ["", f"Peers ({PEER_SOURCE}; {PEER_DIAGNOSTICS_CONTEXT}):", "",
             "| tool / method | matvecs | seconds | result |", "|---|---|---|---|"]
     out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in PEER_DIAGNOSTICS_FIGURES]
     return out + [""]

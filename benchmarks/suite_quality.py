@@ -346,8 +346,8 @@ def render_markdown(records: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
 
 
 def issue_targets(records: List[Dict[str, Any]]) -> List[str]:
-    """The targets of issue 16, item 4, read off the summary records: hit or miss, measured figure."""
-    out = ["## Issue 16 targets (item 4)", "", "| target | measured | hit? |", "|---|---|---|"]
+    """The project's speed-to-quality targets, read off the summary records: hit or miss, measured figure."""
+    out = ["## Speed-to-quality targets", "", "| target | measured | hit? |", "|---|---|---|"]
 
     def hessopt_best(wl_prefix, target, key="time_to_target_ratio"):
         rs = [r for r in records if r["workload"].startswith(wl_prefix) and r.get("target") == target

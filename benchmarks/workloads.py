@@ -1,6 +1,6 @@
 """The timing workloads shared by the optimizer and HVP suites: a model, a synthetic batch, a loss.
 
-Names are fixed (results are compared across runs and with ../shared/FIELD_NOTES.md by name):
+Names are fixed (results are compared across runs and with the peer figures of report.py by name):
 
 ==========================  ==============================================================
 ``cifar_resnet20_b128``     CIFAR ResNet20 (recipes.common), 3x32x32 images, batch 128, 10 classes

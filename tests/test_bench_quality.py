@@ -92,7 +92,7 @@ def test_quick_suite_files_and_records(quick_run):
     assert {m["name"] for m in meta["workloads"]} == set(by_wl)
     assert all(m["hvp_cost"] > 0 for m in meta["workloads"])
     text = (quick_run / "quality.md").read_text()
-    assert "Issue 16 targets" in text and "gpt_multi30k_char_quick" in text
+    assert "Speed-to-quality targets" in text and "gpt_multi30k_char_quick" in text
 
 
 def test_warmup_cosine_schedule():

@@ -86,7 +86,7 @@ def test_optimizer_suite_records_and_ratios(quick_run):
         assert by["hessopt_adahessian_k10"]["window_steps"] == 10
     md = (quick_run / "results.md").read_text()
     assert "Optimizer suite" in md and "hessopt_adahessian_k10" in md and "x AdamW" in md
-    assert "FIELD_NOTES.md" in md  # peer figures quoted with their source
+    assert "measured by the hessopt authors with the peers' own code" in md  # peer figures with their source
 
 
 def test_hvp_suite_records_and_ratios(quick_run):
