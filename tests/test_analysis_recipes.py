@@ -29,6 +29,9 @@ def test_pyhessian_bn_residual_smoke(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert all("top_eigenvalue" in r and "trace_std_error" in r for r in saved["runs"])
     assert (tmp_path / "pyhessian_density.png").exists() and (tmp_path / "summary.md").exists()
+    assert (tmp_path / "pyhessian_esd_grid.png").exists()
+    merged = _load("pyhessian_bn_residual").main(["--merge", str(tmp_path), "--out", str(tmp_path / "m"), "--no-plots"])
+    assert [r["name"] for r in merged["runs"]] == [r["name"] for r in res["runs"]]
 
 
 def test_ghorbani_outliers_smoke(tmp_path):
@@ -51,3 +54,18 @@ def test_dissecting_hessian_smoke(tmp_path):
     layer = res["models"]["cnn_bn"][0]["layers"]["conv2"]
     assert "kron_reduce_exact_overlap" in layer and layer["top_eigvec_stable_rank"] >= 1.0
     assert (tmp_path / "dissecting_summary.png").exists()
+
+
+def test_prune_by_sensitivity_smoke(tmp_path):
+    res = _load("prune_by_sensitivity").main([
+        "--seeds", "0", "--epochs", "1", "--num-probes", "3", "--sparsities", "0.3", "0.9", "--out", str(tmp_path)])
+    pruning = res["models"][0]["pruning"]
+    assert set(pruning) == {"magnitude", "obd", "channel-trace", "avg-trace", "channel-norm", "channel-hessian"}
+    assert all(len(r["accuracy"]) == 2 for r in pruning.values())
+    # equal sparsity: every unstructured method removes the same number of weights
+    assert len({tuple(pruning[m]["params_removed"]) for m in ("magnitude", "obd", "channel-trace", "avg-trace")}) == 1
+    assert pruning["magnitude"]["params_removed"][0] == round(0.3 * (144 + 4608 + 320))
+    assert [b["name"] for b in res["models"][0]["sensitivity"]["blocks"]] == ["conv1", "conv2", "fc"]
+    assert (tmp_path / "prune_by_sensitivity.png").exists() and (tmp_path / "summary.md").exists()
+    merged = _load("prune_by_sensitivity").main(["--merge", str(tmp_path), "--out", str(tmp_path / "m"), "--no-plots"])
+    assert merged["config"]["seeds"] == [0] and "unstructured" in (tmp_path / "m" / "summary.md").read_text()

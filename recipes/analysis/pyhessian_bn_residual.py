@@ -17,6 +17,15 @@ training. Use --epochs to go further.
 GPU (about 4 min on one H100):
     python recipes/analysis/pyhessian_bn_residual.py --device cuda --data-dir ../shared/data/cifar10-jpeg.tar.xz \\
         --out runs/pyhessian_bn_residual
+CPU at reduced scale (the run in RESULTS.md: ResNet8/20, 1 epoch on 5,000 training images, Hessian on
+64 of them), one process per model under nice, then merged:
+    for d in 8 20; do for v in bn-res bn-plain nobn-res nobn-plain; do
+      nice -n 10 python recipes/analysis/pyhessian_bn_residual.py --device cpu --threads 1 --depths $d \
+        --variants $v --epochs 1 --train-subset 5000 --batch-size 64 --warmup-epochs 0.3 --hessian-samples 64 \
+        --hessian-batch 64 --top-tol 1e-2 --top-max-matvecs 20 --trace-matvecs 12 --density-steps 20 \
+        --test-samples 1000 --no-plots --out runs/pyh${d}_$v &
+    done; done; wait
+    python recipes/analysis/pyhessian_bn_residual.py --merge runs/pyh*_* --out recipes/analysis/results/pyhessian_cpu
 CPU smoke test (digits, about a minute):
     python recipes/analysis/pyhessian_bn_residual.py --device cpu --dataset digits --depths 8 14 --epochs 1 \\
         --hessian-samples 128 --density-steps 20 --trace-matvecs 9 --out /tmp/pyh
@@ -24,7 +33,9 @@ CPU smoke test (digits, about a minute):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
+import json
 import sys
 import time
 import warnings
@@ -47,15 +58,46 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--trace-matvecs", type=int, default=30)
     p.add_argument("--density-steps", type=int, default=40)
+    p.add_argument("--top-tol", type=float, default=1e-3, help="Lanczos tolerance of the top eigenvalue")
+    p.add_argument("--top-max-matvecs", type=int, default=60)
+    p.add_argument("--train-subset", type=int, default=None,
+                   help="train on a fixed random subset of this many training images (default: all)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--variants", nargs="+", default=["bn-res", "bn-plain", "nobn-res", "nobn-plain"],
+                   choices=["bn-res", "bn-plain", "nobn-res", "nobn-plain"],
+                   help="which of the four variants to run (split a study over processes, then --merge)")
+    p.add_argument("--test-samples", type=int, default=4000, help="test images for the accuracy (at most 4000)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="only merge the results.json of these runs into --out (summary, plots)")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out), args.no_plots)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     device, out, data, hess_data, test = common.load_study_data(args)
+    if args.train_subset is not None and args.train_subset < data.train_x.shape[0]:
+        # a fixed random subset (the JPEG folders are stored class by class); the Hessian images are
+        # drawn by common.eval_batches from the full set with its own seed, so they mostly lie outside
+        # the subset: pin them to the subset's first images instead, so the Hessian is of the
+        # training loss the models were trained on
+        idx = torch.randperm(data.train_x.shape[0], generator=torch.Generator().manual_seed(args.seed + 7))
+        idx = idx[: args.train_subset]
+        data = dataclasses.replace(data, train_x=data.train_x[idx], train_y=data.train_y[idx])
+        hess_data = common.eval_batches(data, "train", max(1, args.hessian_samples // args.hessian_batch),
+                                        min(args.hessian_batch, args.hessian_samples), device)
+    if args.test_samples < sum(len(y) for _, y in test):
+        x_all, y_all = torch.cat([x for x, _ in test]), torch.cat([y for _, y in test])
+        test = [(x_all[: args.test_samples], y_all[: args.test_samples])]
     augment = args.dataset == "cifar10"
     print(f"data {args.dataset}: {data.train_x.shape[0]} train images; Hessian on "
-          f"{sum(len(y) for _, y in hess_data)} of them; device {device}", flush=True)
+          f"{sum(len(y) for _, y in hess_data)} of them; {sum(len(y) for _, y in test)} test images; "
+          f"device {device}", flush=True)
     results = {"config": vars(args), "device": str(device), "runs": []}
     loss_fn = nn.CrossEntropyLoss()
     for depth, bn, res in itertools.product(args.depths, [True, False], [True, False]):
+        if f"{'bn' if bn else 'nobn'}-{'res' if res else 'plain'}" not in args.variants:
+            continue
         name = f"resnet{depth}{'' if bn else '_noBN'}{'' if res else '_plain'}"
         torch.manual_seed(args.seed)
         model = build_model(f"cifar_resnet{depth}", data.num_classes, in_chans=data.in_chans,
@@ -72,11 +114,14 @@ def main(argv=None):
         if not row["diverged"]:
             row["test_accuracy"] = common.accuracy(model, test)
             t0 = time.perf_counter()
-            op = hessopt.HessianOperator(model, loss_fn, hess_data, bn_mode=args.bn_mode)
+            # keep the first-order graph between products (a few hundred images: it fits; each product
+            # then costs a double backward only, not also a forward and backward)
+            op = hessopt.HessianOperator(model, loss_fn, hess_data, bn_mode=args.bn_mode, cache_graph=True)
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)
-                    top = hessopt.top_eigenvalues(op, k=1, tol=1e-3, max_matvecs=60, generator=args.seed)
+                    top = hessopt.top_eigenvalues(op, k=1, tol=args.top_tol, max_matvecs=args.top_max_matvecs,
+                                                  generator=args.seed)
                 tr = hessopt.trace(op, num_matvecs=args.trace_matvecs, generator=args.seed)
                 dens = hessopt.spectral_density(op, num_runs=1, num_steps=args.density_steps, generator=args.seed)
             except hessopt.NonFiniteCurvatureError as err:
@@ -101,6 +146,25 @@ def main(argv=None):
         results["runs"].append(row)
         common.save_json(results, out / "results.json")
     return common.finish(results, out, started, summarize, plot, args.no_plots)
+
+
+def merge(dirs, out: Path, no_plots: bool):
+    """One results.json / summary.md / plots from runs of the same study split over processes."""
+    parts = [json.loads((Path(d) / "results.json").read_text()) for d in dirs]
+    order = {(bn, res): i for i, (bn, res) in enumerate(VARIANTS)}
+    runs = sorted((r for part in parts for r in part["runs"]),
+                  key=lambda r: (r["depth"], order[(r["batchnorm"], r["residual"])]))
+    results = {"config": parts[0]["config"], "device": parts[0]["device"], "runs": runs,
+               "merged_from": [str(d) for d in dirs],
+               "part_seconds": [part.get("seconds") for part in parts]}
+    out.mkdir(parents=True, exist_ok=True)
+    common.save_json(results, out / "results.json")
+    summary = summarize(results)
+    (out / "summary.md").write_text(summary)
+    print(summary)
+    if not no_plots:
+        plot(results, out)
+    return results
 
 
 def summarize(results) -> str:
@@ -147,6 +211,40 @@ def plot(results, out: Path):
         ax.set_xlabel("depth")
         ax.legend(fontsize=6)
     fig.savefig(out / "pyhessian_top_trace.png")
+    plot_grid(runs, out)
+
+
+VARIANTS = ((True, True), (True, False), (False, True), (False, False))
+
+
+def plot_grid(runs, out: Path):
+    """One ESD panel per model, as in PyHessian's figures: rows = depth, columns = BN x residual;
+    log density, each panel annotated with the top eigenvalue and the trace."""
+    from matplotlib.figure import Figure
+
+    depths = sorted({r["depth"] for r in runs})
+    fig = Figure(figsize=(12, 2.6 * len(depths)), dpi=80, layout="constrained")
+    axes = fig.subplots(len(depths), len(VARIANTS), squeeze=False)
+    for i, depth in enumerate(depths):
+        for j, (bn, res) in enumerate(VARIANTS):
+            ax = axes[i][j]
+            title = f"ResNet{depth}, {'BN' if bn else 'no BN'}, {'residual' if res else 'no residual'}"
+            ax.set_title(title, fontsize=9)
+            found = [r for r in runs if r["depth"] == depth and r["batchnorm"] == bn and r["residual"] == res]
+            if not found:
+                ax.text(0.5, 0.5, "diverged / not run", ha="center", va="center", transform=ax.transAxes)
+                continue
+            r = found[0]
+            d = r["density"]
+            ax.semilogy(d["grid"], [max(v, 1e-8) for v in d["density"]], lw=1, color="C0")
+            ax.set_ylim(1e-8, None)
+            ax.set_xlabel("eigenvalue", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("density (log)", fontsize=8)
+            ax.text(0.97, 0.95, f"λ1 = {r['top_eigenvalue']:.3g}\ntrace = {r['trace']:.3g}\n"
+                    f"test acc {100 * r['test_accuracy']:.1f}%", ha="right", va="top",
+                    transform=ax.transAxes, fontsize=7)
+    fig.savefig(out / "pyhessian_esd_grid.png")
 
 
 if __name__ == "__main__":
