@@ -16,10 +16,14 @@ matplotlib's non-interactive backend.
 from __future__ import annotations
 
 import doctest
+import importlib.util
 import json
 from collections import OrderedDict
 
 import pytest
+
+# modules that import an optional framework at import time (hessopt imports the others lazily)
+collect_ignore = [] if importlib.util.find_spec("timm") else ["hessopt/integrations/timm/_lookahead.py"]
 
 try:
     from _pytest.doctest import DoctestItem
