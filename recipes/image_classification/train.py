@@ -107,6 +107,8 @@ class Config:
     milestones: Optional[Tuple[int, ...]] = _opt(None, "epochs at which lr is multiplied by --gamma (default: the preset's scaled to --epochs, else 50%% and 75%% of --epochs; none given: constant lr)", type=int, nargs="*")
     gamma: float = _opt(0.1, "lr factor at each milestone", type=float)
     update_each: int = _opt(1, "AdaHessian: Hessian estimate every K steps (lazy Hessian)", type=int)
+    clip: str = _opt("1.0", "AdaHessian: bound on each coordinate of the preconditioned update (the default "
+                            "1.0), or 'none' for the paper's unbounded rule", type=str)
     warmup_steps: int = _opt(0, "linear lr warm-up over the first N steps (lazy Hessian updates are unstable "
                                 "without it early in training, when the curvature changes fastest)", type=int)
     amp: str = _opt("none", "none | bf16 (autocast)", type=str, choices=("none", "bf16"))
@@ -151,7 +153,7 @@ OPT_DEFAULTS: Dict[str, Dict[str, Any]] = {
 # changing these on --resume would make the checkpoint meaningless
 RESUME_FIXED = ("dataset", "data_dir", "stream", "image_size", "model", "batchnorm", "residual", "opt", "seed", "batch_size")
 # changing these on --resume changes the training: refused unless --allow-config-change
-RESUME_HYPER = ("lr", "weight_decay", "momentum", "nesterov", "betas", "eps", "milestones", "gamma", "update_each",
+RESUME_HYPER = ("lr", "weight_decay", "momentum", "nesterov", "betas", "eps", "milestones", "gamma", "update_each", "clip",
                 "warmup_steps", "amp", "augment", "max_steps_per_epoch")
 # how to run, not what to train: never inherited from a saved configuration
 RUN_CONTROL = ("resume", "overwrite", "allow_config_change")
@@ -264,10 +266,21 @@ def setup_distributed(cfg: Config) -> Tuple[Dist, torch.device]:
     return dist, device
 
 
+def _clip(text: str) -> Optional[float]:
+    """``--clip``: a positive number, or ``none`` (the paper's unbounded AdaHessian step)."""
+    if str(text).lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"--clip must be a positive number or 'none', got {text!r}") from None
+
+
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.opt == "adahessian":
         return hessopt.AdaHessian(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                  weight_decay=cfg.weight_decay, update_each=cfg.update_each, seed=cfg.seed)
+                                  weight_decay=cfg.weight_decay, update_each=cfg.update_each, seed=cfg.seed,
+                                  clip=_clip(cfg.clip))
     if cfg.opt == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
