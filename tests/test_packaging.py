@@ -72,3 +72,14 @@ def test_timm_extra_is_the_tested_range_and_recipes_bring_scikit_learn(wheel):
     assert not timm.specifier.contains("1.0.11") and not timm.specifier.contains("1.1.0")
     for extra in ("recipes", "dev"):
         assert "scikit-learn" in {r.name for r in _requirements(metadata, extra)}
+
+
+def test_the_package_points_at_no_file_a_clone_lacks():
+    """Docstrings state facts with their sources (a paper, a PyTorch issue), not the project's working notes."""
+    import re
+
+    pattern = re.compile(r"FIELD_NOTES|DESIGN\.md|HELPERS\.md|\.\./shared/|(?<!PyTorch )\bissue \d+", re.I)
+    hits = [f"{path.relative_to(ROOT)}:{i}: {line.strip()}"
+            for path in sorted((ROOT / "hessopt").rglob("*.py"))
+            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+    assert not hits, "\n".join(hits)
