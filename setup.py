@@ -26,7 +26,8 @@ setup(
     author="the hessopt authors",
     python_requires=">=3.9",
     packages=find_packages(include=["hessopt", "hessopt.*"]),
-    install_requires=["torch>=2.1", "numpy>=1.23", "tqdm>=4.60"],
+    # numpy only behind optional paths (plots: matplotlib; op.to_scipy(): scipy), which bring it
+    install_requires=["torch>=2.1", "tqdm>=4.60"],
     extras_require={
         "timm": [TIMM, "torchvision"],
         "fairseq": FAIRSEQ + ["sentencepiece>=0.1.99", "sacrebleu>=2.0"],

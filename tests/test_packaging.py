@@ -50,6 +50,23 @@ def test_wheel_carries_the_license_and_no_recipe_code(wheel):
     assert "hessopt/integrations/timm/train.py" in names
 
 
+def test_the_library_needs_neither_numpy_nor_recipe_packages(wheel):
+    _, metadata = wheel
+    assert {r.name for r in (Requirement(s) for s in metadata.get_all("Requires-Dist")) if r.marker is None} == {
+        "torch", "tqdm"}
+    code = (
+        "import sys; sys.modules['numpy'] = None\n"  # any `import numpy` now raises ImportError
+        "import torch, hessopt, hessopt.cli, hessopt.monitor, hessopt.analysis, hessopt.integrations.timm\n"
+        "m = torch.nn.Linear(3, 2); x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))\n"
+        "op = hessopt.HessianOperator(m, torch.nn.CrossEntropyLoss(), (x, y))\n"
+        "assert hessopt.top_eigenvalues(op, k=2).converged\n"
+        "opt = hessopt.AdaHessian(m.parameters())\n"
+        "torch.nn.functional.cross_entropy(m(x), y).backward(create_graph=True); opt.step()\n"
+    )
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+
+
 @pytest.mark.parametrize("python, wanted, unwanted", [("3.10", "fairseq", "fairseq-fixed"),
                                                       ("3.11", "fairseq-fixed", "fairseq"),
                                                       ("3.12", "fairseq-fixed", "fairseq")])
