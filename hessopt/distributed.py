@@ -363,7 +363,7 @@ def _optimizer_state_digest(opt) -> tuple:
     digest = hashlib.sha256()
     for name, state in sorted(glob.get("generator_states", {}).items()):
         digest.update(name.encode())
-        digest.update(state.cpu().numpy().tobytes())
+        digest.update(bytes(state.cpu().to(torch.uint8).tolist()))  # no numpy: not a dependency
     return (glob.get("step", 0), digest.hexdigest())
 
 

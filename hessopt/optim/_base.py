@@ -39,6 +39,7 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Se
 
 import torch
 
+from .._checks import check_betas, check_number, check_positive_int
 from .._patches import capture_cross_entropy, graph_building_backward
 from ..hvp import second_order_safe
 from ._multi_tensor import commit_parameter_updates, curvature_flags, finite_flags, interrupts_held
@@ -110,40 +111,6 @@ class KernelResult(NamedTuple):
     took_curvature: List[bool]
     nonfinite: List[bool]
     overflows: List[bool]
-
-
-def check_number(name: str, value: Any, *, low: float = 0.0, high: Optional[float] = None,
-                 open_high: bool = False, allow_tensor: bool = False) -> None:
-    """Raise a ``TypeError`` naming ``name`` for a non-number, ``ValueError`` for one out of range."""
-    if allow_tensor and torch.is_tensor(value):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}")
-        if value.is_complex():
-            raise TypeError(f"{name} must be a real number, got a complex tensor")
-        value = float(value)
-    elif isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    ok = value >= low and (high is None or (value < high if open_high else value <= high))
-    if not ok:
-        if high is None:
-            raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-        raise ValueError(f"{name} must be in [{low:g}, {high:g}{')' if open_high else ']'}, got {value!r}")
-
-
-def check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def check_betas(betas: Any) -> None:
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-    for b in betas:
-        if isinstance(b, bool) or not isinstance(b, (int, float)):
-            raise TypeError(f"betas must be two real numbers in [0, 1), got {betas!r}")
-        if not 0.0 <= b < 1.0:
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
 
 
 @dataclass

@@ -13,8 +13,8 @@ from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._base import (CurvatureOptimizer, KernelResult, NonFiniteError, SecondOrderGraphError, check_betas,
-                    check_number)
+from .._checks import check_betas, check_number
+from ._base import CurvatureOptimizer, KernelResult, NonFiniteError, SecondOrderGraphError
 from ._multi_tensor import by_device_and_dtype, commit_parameter_updates, curvature_flags, overflow_limit
 from .averaging import AVERAGING_POLICIES, average_curvature
 

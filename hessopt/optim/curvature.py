@@ -39,6 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_positive_int
 from ..hvp import hvp_from_grads
 from ..probes import PROBE_DISTRIBUTIONS, probe
 from ._multi_tensor import restore
@@ -86,12 +87,6 @@ class CurvatureSource:
         return self.estimate(CurvatureInputs(params, grads, generators, **inputs))
 
 
-def _check_n_samples(n_samples) -> int:
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
-    return n_samples
-
-
 def _probes(params, generators, distribution) -> List[torch.Tensor]:
     return [probe(p.shape, generators[p.device], dtype=p.dtype, device=p.device, distribution=distribution)
             for p in params]
@@ -108,7 +103,7 @@ class Hutchinson(CurvatureSource):
     scaled_by_loss_scale = True
 
     def __init__(self, n_samples: int = 1, distribution: str = "rademacher"):
-        self.n_samples = _check_n_samples(n_samples)
+        self.n_samples = check_positive_int("n_samples", n_samples)
         if distribution not in PROBE_DISTRIBUTIONS:
             raise ValueError(f"distribution must be one of {PROBE_DISTRIBUTIONS}, got {distribution!r}")
         self.distribution = distribution
@@ -157,7 +152,7 @@ class GaussNewtonBartlett(CurvatureSource):
     needs_logits = True
 
     def __init__(self, n_samples: int = 1):
-        self.n_samples = _check_n_samples(n_samples)
+        self.n_samples = check_positive_int("n_samples", n_samples)
 
     def __repr__(self) -> str:
         return f"GaussNewtonBartlett(n_samples={self.n_samples})"
@@ -259,7 +254,7 @@ class FiniteDifference(CurvatureSource):
             raise ValueError(f"step_scale must be a positive number or None, got {step_scale!r}")
         if distribution not in PROBE_DISTRIBUTIONS:
             raise ValueError(f"distribution must be one of {PROBE_DISTRIBUTIONS}, got {distribution!r}")
-        self.scheme, self.n_samples, self.step_scale = scheme, _check_n_samples(n_samples), step_scale
+        self.scheme, self.n_samples, self.step_scale = scheme, check_positive_int("n_samples", n_samples), step_scale
         self.distribution, self.model = distribution, model
 
     def __repr__(self) -> str:

@@ -12,7 +12,8 @@ from typing import Any, Iterable, List, Optional, Tuple
 
 import torch
 
-from ._base import CurvatureOptimizer, KernelResult, check_betas, check_number
+from .._checks import check_betas, check_number
+from ._base import CurvatureOptimizer, KernelResult
 from ._multi_tensor import by_device_and_dtype, commit_parameter_updates, curvature_flags
 
 __all__ = ["Sophia", "sophia", "SOPHIA_PRESETS"]
