@@ -366,6 +366,11 @@ def run_suite(args, env: Dict[str, Any], records: List[Dict[str, Any]], flush=la
         record(name, steps=args.slq_steps, error=format_error(err), **common)
     del op
 
+    # -- side by side: hessopt's GGN, hessian-eigenthings 1.0, curvlinops 3.x (benchmarks/peers_diagnostics.py)
+    from .peers_diagnostics import run_side_by_side
+
+    run_side_by_side(model, loss_fn, x, y, clock, args, record, common)
+
     # -- reference, then the true errors of everything above ------------------------------------------
     free_memory(device)
     try:
@@ -376,6 +381,7 @@ def run_suite(args, env: Dict[str, Any], records: List[Dict[str, Any]], flush=la
     record("reference", step_ms=None, **{k: v for k, v in ref.items() if k != "error"},
            error=ref.get("error"), **common)
     _score(records, ref)
+    _ggn_reference_and_score(model, x, y, args, records, ref, record, common)
     flush()
     del model, x, y
     free_memory(device)
@@ -416,8 +422,30 @@ def fill_reference(args, env: Dict[str, Any], records: List[Dict[str, Any]], flu
     rec.update(step_ms=None, note="computed afterwards by --reference-only from the run's checkpoint", **ref, **common)
     records.append(rec)
     _score(records, ref)
+    records[:] = [r for r in records if r.get("method") != "reference_ggn"]
+
+    def record(method, **fields):
+        out = base_record(env, SUITE, setting["workload"], "method", method)
+        out.update(fields)
+        records.append(out)
+
+    _ggn_reference_and_score(model, x, y, args, records, ref, record, common)
     flush()
     return records
+
+
+def _ggn_reference_and_score(model, x, y, args, records, hessian_ref, record, common) -> None:
+    """The float64 GGN reference (dense with --quick, else converged Lanczos) and the true errors of
+    the side-by-side records (benchmarks/peers_diagnostics.py)."""
+    from .peers_diagnostics import ggn_reference, score_side_by_side
+
+    try:
+        ggn_ref = ggn_reference(copy.deepcopy(model).double(), x.double(), y, args.quick)
+    except Exception as err:
+        log(f"[diagnostics] GGN reference FAILED: {format_error(err)}")
+        ggn_ref = {"eigenvalues": None, "error": format_error(err)}
+    record("reference_ggn", step_ms=None, **ggn_ref, **common)
+    score_side_by_side(records, hessian_ref, ggn_ref)
 
 
 def _score(records: List[Dict[str, Any]], ref: Dict[str, Any]) -> None:

@@ -1,0 +1,216 @@
+"""The diagnostics suite's side-by-side runs: hessopt's GGN, hessian-eigenthings 1.0, curvlinops 3.x.
+
+Called by :mod:`benchmarks.suite_diagnostics` on its trained model and fixed batch. Each peer is
+installed into the benchmark environment only (``pip install hessian-eigenthings==1.0.0a5
+curvlinops-for-pytorch==3.0.1``), never a dependency of hessopt; a missing peer is recorded as
+``error: not installed``, and a peer that crashes is recorded with its error (a crash is a result).
+
+Record names start with ``side_`` (the markdown report's existing sections do not pick them up;
+they are in the JSON records). Measured on the same float32 model and batch as hessopt, BatchNorm in eval mode:
+
+* top-5 eigenvalues (largest algebraic) of the Hessian and of the GGN at tolerance 1e-4: products,
+  seconds, seconds inside the products, the eigenvalues (true errors are filled in by the suite
+  against its float64 references);
+* the Hessian trace by Hutch++ at the suite's trace budgets: estimate, reported standard error;
+* the SLQ density (hessian-eigenthings; curvlinops has none of the same kind): seconds beyond the
+  products.
+
+Peer APIs used (as documented by each project): hessian-eigenthings ``HessianOperator(model,
+[batch], supervised_loss(criterion))``, ``GGNOperator(model, [batch], supervised_forward,
+supervised_loss_of_output(criterion))``, ``lanczos(op, k=, tol=, which="LA", seed=)``,
+``trace(op, num_matvecs=, method="hutch++", seed=)``, ``spectral_density(op, ...)``; curvlinops
+``HessianLinearOperator`` / ``GGNLinearOperator(model, criterion, params, [(x, y)])``,
+``.to_scipy()`` with ``scipy.sparse.linalg.eigsh``, ``hutchpp_trace(op, num_matvecs)``.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, List
+
+import numpy as np
+import torch
+from torch import nn
+
+import hessopt
+
+from .harness import format_error, log
+
+TOP_K = 5
+TOP_TOL = 1e-4
+
+
+class _Counter:
+    """Products and seconds spent inside them (device-synchronized by the suite's clock)."""
+
+    def __init__(self, clock):
+        self.clock, self.matvecs, self.seconds = clock, 0, 0.0
+
+    def wrap(self, fn: Callable, columns: Callable[[Any], int] = lambda _: 1) -> Callable:
+        def counted(*args, **kwargs):
+            self.clock.sync()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.clock.sync()
+            self.seconds += time.perf_counter() - t0
+            self.matvecs += columns(args[0]) if args else 1
+            return out
+
+        return counted
+
+
+def _timed(fn, clock):
+    clock.sync()
+    t0 = time.perf_counter()
+    out = fn()
+    clock.sync()
+    return out, time.perf_counter() - t0
+
+
+def _eig_fields(values, seconds, counter) -> Dict[str, Any]:
+    vals = sorted((float(v) for v in values), reverse=True)
+    return dict(eigenvalues=vals, found=len(vals), matvecs=counter.matvecs, seconds=seconds, step_ms=1000 * seconds,
+                hvp_seconds=counter.seconds, other_seconds=seconds - counter.seconds)
+
+
+def run_side_by_side(model: nn.Module, loss_fn, x, y, clock, args, record, common) -> None:
+    """Append the side-by-side records (see the module docstring) through ``record(method, **fields)``."""
+    seed = args.seed + 7
+    budgets = list(args.trace_budgets)
+
+    def attempt(name: str, matrix: str, fn: Callable[[], Dict[str, Any]], **extra) -> None:
+        try:
+            fields = fn()
+        except ImportError as err:
+            record(name, matrix=matrix, side_by_side=True, error=f"not installed: {err}", **extra, **common)
+            log(f"[diagnostics] {name}: not installed ({err})")
+            return
+        except Exception as err:  # noqa: BLE001 - a peer's crash is a result
+            record(name, matrix=matrix, side_by_side=True, error=format_error(err), **extra, **common)
+            log(f"[diagnostics] {name} FAILED: {format_error(err)}")
+            return
+        record(name, matrix=matrix, side_by_side=True, **extra, **fields, **common)
+        log(f"[diagnostics] {name}: {fields.get('matvecs')} matvecs, {fields.get('seconds', 0):.2f}s, "
+            + (f"eigenvalues {[round(v, 3) for v in fields['eigenvalues']]}" if "eigenvalues" in fields
+               else f"trace {fields.get('estimate')}"))
+
+    # -- hessopt's own GGN (its Hessian is measured by the suite itself) ---------------------------------
+    def hessopt_ggn():
+        counter = _Counter(clock)
+        op = hessopt.GGNOperator(model, loss_fn, (x, y))
+        op._matvec = counter.wrap(op._matvec)
+        res, seconds = _timed(lambda: hessopt.top_eigenvalues(op, k=TOP_K, tol=TOP_TOL, generator=seed), clock)
+        return dict(_eig_fields(res.eigenvalues, seconds, counter), converged=bool(res.converged))
+
+    attempt("side_hessopt_ggn_top5", "ggn", hessopt_ggn, k=TOP_K, tol=TOP_TOL)
+
+    # -- hessian-eigenthings 1.0 ---------------------------------------------------------------------
+    def eigenthings_op(matrix: str):
+        import hessian_eigenthings as he
+
+        data = [(x, y)]
+        if matrix == "hessian":
+            return he.HessianOperator(model, data, he.supervised_loss(loss_fn))
+        return he.GGNOperator(model, data, he.supervised_forward, he.supervised_loss_of_output(loss_fn))
+
+    def eigenthings_top(matrix: str):
+        import hessian_eigenthings as he
+
+        op = eigenthings_op(matrix)
+        counter = _Counter(clock)
+        op.matvec = counter.wrap(op.matvec)
+        res, seconds = _timed(lambda: he.lanczos(op, k=TOP_K, tol=TOP_TOL, which="LA", seed=seed), clock)
+        return dict(_eig_fields(res.eigenvalues, seconds, counter), converged=bool(torch.as_tensor(res.converged).all()),
+                    residuals=[float(r) for r in res.residuals])
+
+    for matrix in ("hessian", "ggn"):
+        attempt(f"side_eigenthings_{matrix}_top5", matrix, lambda m=matrix: eigenthings_top(m), k=TOP_K, tol=TOP_TOL)
+
+    def eigenthings_trace(m: int):
+        import hessian_eigenthings as he
+
+        op = eigenthings_op("hessian")
+        counter = _Counter(clock)
+        op.matvec = counter.wrap(op.matvec)
+        res, seconds = _timed(lambda: he.trace(op, num_matvecs=m, method="hutch++", seed=seed + m), clock)
+        return dict(estimate=float(res.estimate), std_error=float(res.stderr), matvecs=counter.matvecs,
+                    seconds=seconds, hvp_seconds=counter.seconds, other_seconds=seconds - counter.seconds)
+
+    for m in budgets:
+        attempt(f"side_eigenthings_hutchpp_m{m}", "hessian", lambda m=m: eigenthings_trace(m), budget=m)
+
+    def eigenthings_density():
+        import hessian_eigenthings as he
+
+        op = eigenthings_op("hessian")
+        counter = _Counter(clock)
+        op.matvec = counter.wrap(op.matvec)
+        _, seconds = _timed(lambda: he.spectral_density(op, num_runs=1, lanczos_steps=args.slq_steps, seed=seed), clock)
+        return dict(matvecs=counter.matvecs, seconds=seconds, hvp_seconds=counter.seconds,
+                    other_seconds=seconds - counter.seconds,
+                    other_fraction=(seconds - counter.seconds) / seconds if seconds > 0 else None)
+
+    attempt(f"side_eigenthings_density_{args.slq_steps}", "hessian", eigenthings_density, steps=args.slq_steps)
+
+    # -- curvlinops 3.x --------------------------------------------------------------------------------
+    def curvlinops_op(matrix: str):
+        import curvlinops
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        cls = curvlinops.HessianLinearOperator if matrix == "hessian" else curvlinops.GGNLinearOperator
+        return cls(model, loss_fn, params, [(x, y)])
+
+    def curvlinops_top(matrix: str):
+        from scipy.sparse.linalg import LinearOperator, eigsh
+
+        op = curvlinops_op(matrix)
+        lin = op.to_scipy()
+        counter = _Counter(clock)
+        counted = LinearOperator(lin.shape, matvec=counter.wrap(lin.matvec), dtype=lin.dtype)
+        v0 = np.random.default_rng(seed).standard_normal(lin.shape[0])
+        vals, seconds = _timed(lambda: eigsh(counted, k=TOP_K, which="LA", tol=TOP_TOL, v0=v0,
+                                             return_eigenvectors=False), clock)
+        return _eig_fields(vals, seconds, counter)
+
+    for matrix in ("hessian", "ggn"):
+        attempt(f"side_curvlinops_{matrix}_top5", matrix, lambda m=matrix: curvlinops_top(m), k=TOP_K, tol=TOP_TOL)
+
+    def curvlinops_trace(m: int):
+        from curvlinops import hutchpp_trace
+
+        op = curvlinops_op("hessian")
+        counter = _Counter(clock)
+        op._matmat = counter.wrap(op._matmat, columns=lambda X: int(X[0].shape[-1]) if X[0].dim() > len(op._in_shape[0]) else 1)
+        torch.manual_seed(seed + m)
+        est, seconds = _timed(lambda: hutchpp_trace(op, num_matvecs=m), clock)
+        return dict(estimate=float(est), std_error=None, matvecs=counter.matvecs, seconds=seconds,
+                    hvp_seconds=counter.seconds, other_seconds=seconds - counter.seconds,
+                    note="curvlinops' hutchpp_trace reports no standard error")
+
+    for m in budgets:
+        attempt(f"side_curvlinops_hutchpp_m{m}", "hessian", lambda m=m: curvlinops_trace(m), budget=m)
+
+
+def ggn_reference(model64: nn.Module, x64, y64, quick: bool, ref_tol: float = 1e-9) -> Dict[str, Any]:
+    """Float64 GGN eigenvalues: exact (dense ``eigh``) with ``quick``, else converged Lanczos (top 5)."""
+    op = hessopt.GGNOperator(model64, nn.CrossEntropyLoss(), (x64, y64))
+    if quick:
+        vals = torch.linalg.eigvalsh(op.to_dense()).flip(0)[:TOP_K]
+        return {"eigenvalues": [float(v) for v in vals], "kind": "dense eigh (float64)"}
+    res = hessopt.top_eigenvalues(op, k=TOP_K, tol=ref_tol, generator=0)
+    return {"eigenvalues": [float(v) for v in res.eigenvalues], "kind": f"Lanczos float64 tol {ref_tol}",
+            "converged": bool(res.converged), "error_bounds": [float(b) for b in res.error_bounds]}
+
+
+def score_side_by_side(records: List[Dict[str, Any]], hessian_ref: Dict[str, Any], ggn_ref: Dict[str, Any]) -> None:
+    """True errors of the side-by-side records against the float64 references (in place)."""
+    for rec in records:
+        if not rec.get("side_by_side") or rec.get("error"):
+            continue
+        ref = hessian_ref if rec.get("matrix") == "hessian" else ggn_ref
+        if "eigenvalues" in rec and ref and ref.get("eigenvalues"):
+            want = ref["eigenvalues"][: len(rec["eigenvalues"])]
+            rel = [abs(v - r) / abs(r) for v, r in zip(rec["eigenvalues"], want)]
+            rec.update(reference=want, rel_errors=rel, max_rel_error=max(rel) if rel else None)
+        elif "estimate" in rec and hessian_ref and hessian_ref.get("trace") is not None:
+            rec.update(reference=hessian_ref["trace"],
+                       rel_error=abs(rec["estimate"] - hessian_ref["trace"]) / abs(hessian_ref["trace"]))
