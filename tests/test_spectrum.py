@@ -169,6 +169,66 @@ def test_lanczos_start_vector():
     assert r.alphas[0] == pytest.approx(float(SEPARATED[0, 0]), rel=1e-14)
 
 
+class _FullLengthAllocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op whose output is a new tensor (storage not shared with an input) of at least
+    ``n`` entries, outside the operator's own products (``paused``)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n, self.seen, self.paused = n, [], False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.paused:
+            return out
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() >= self.n and t.untyped_storage().data_ptr() not in inputs:
+                self.seen.append((str(func), t.dtype))
+        return out
+
+
+class _PausingOperator(hessopt.operators.CurvatureOperator):
+    """A dense matrix whose products (and their finiteness check) are not recorded."""
+
+    def __init__(self, A, mode):
+        self.A, self.mode = A, mode
+        self.num_params, self.dtype, self.device = A.shape[0], A.dtype, A.device
+
+    def __matmul__(self, v):
+        self.mode.paused = True
+        try:
+            return super().__matmul__(v)
+        finally:
+            self.mode.paused = False
+
+    def _matvec(self, v):
+        return self.A @ v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_lanczos_step_allocates_no_full_length_vector(dtype):
+    """Issue 15 item 5: no float64 copy of any full-length vector and no per-step temporaries: the
+    kernel works in its preallocated buffer (the operator's product is the operator's)."""
+    from hessopt.spectrum.lanczos import LanczosIteration
+
+    n = 2000
+    mode = _FullLengthAllocations(n)
+    op = _PausingOperator(torch.diag(torch.linspace(-1.0, 5.0, n, dtype=dtype)), mode)
+    it = LanczosIteration(op, 30, generator=0, restart=True)
+    for _ in range(8):
+        it.step()
+    assert it.restart()  # a second chain: the ended chain's residual bookkeeping must not allocate either
+    with mode:
+        for _ in range(8):
+            assert it.step()
+            theta, S = torch.linalg.eigh(it.projected())
+            it.residuals(S, theta)
+    assert mode.seen == []
+    assert it.basis.dtype == (torch.float32 if dtype == torch.float16 else dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # spectral_density
 # ---------------------------------------------------------------------------------------------

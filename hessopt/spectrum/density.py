@@ -13,6 +13,11 @@ The smoothed density replaces each node by a Gaussian of standard deviation :mat
 :math:`\hat\phi(t) = \frac1R\sum_{r}\sum_j \tau^{(r)}_j\,\mathcal N(t;\theta^{(r)}_j, \sigma^2)`.
 Default :math:`\sigma` is 1% of the spread of the nodes (PyHessian uses a variance of
 :math:`10^{-5}` times the spread, i.e. a narrower kernel that needs a finer grid).
+
+For a float16/bfloat16 operator the recurrence is accumulated in float32 (see
+:mod:`hessopt.spectrum.lanczos`): the nodes and weights are then those of the half-precision
+products, accurate to about :math:`\epsilon\,\|A\|` of that dtype, and a run no longer stops after
+one product on a false breakdown.
 """
 from __future__ import annotations
 

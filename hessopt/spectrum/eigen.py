@@ -17,6 +17,25 @@ PyHessian) can stop early on a slowly converging iteration; a residual cannot be
 Lanczos returns one copy of a repeated eigenvalue and, worse, reports the next eigenvalue down as
 converged in its place. Here, after convergence a check chain from a fresh random vector looks for
 further copies (see :func:`_lanczos_eigs`); power iteration finds them by deflation.
+
+**Precision of the products.** Both methods accumulate in float32 at least (a float16/bfloat16
+operator's products are cast up; see :func:`hessopt.spectrum.lanczos.accumulation_dtype`). A 16-bit
+product is itself only accurate to about :math:`\epsilon\,\|A\|` (:math:`\epsilon` the dtype's
+machine epsilon: 9.8e-4 for float16, 7.8e-3 for bfloat16), and no amount of iteration on it gets
+closer to the eigenvalues of :math:`A`. For such an operator each error bound includes
+:math:`\epsilon\,\|A\|` (:math:`\|A\|` estimated by the largest Ritz value in magnitude: a Weyl
+bound on what one rounding of every product can move an eigenvalue), the iteration stops once the
+computed bounds reach that floor, and ``converged`` is False, with a warning that names the dtype,
+whenever ``tol`` asks for more than the products allow. (For float32 and float64 operators the
+accumulation is in the operator's own precision and nothing is added, as before.)
+
+**Eigenvectors** (``vector_tol``, Lanczos only). A small eigenvalue error does not mean an accurate
+eigenvector: the eigenvalue error goes as :math:`r^2/\delta`, the angle as :math:`r/\delta`
+(Davis-Kahan :math:`\sin\Theta` theorem). For the subspace of the ``k`` wanted Ritz vectors,
+:math:`\sin\Theta \le \|R_k\|_F / \delta` with :math:`R_k` their residuals and :math:`\delta` the
+gap between the wanted values and the rest of the spectrum, estimated from the best Ritz value
+outside the wanted set (moved towards the wanted ones by its residual). ``vector_tol`` makes the
+stopping test require that bound too (what :func:`hessopt.analysis.gradient_concentration` needs).
 """
 from __future__ import annotations
 
@@ -30,7 +49,7 @@ from .._progress import progress_bar
 from ..operators import as_operator
 from ..probes import GeneratorLike, generator_for, probe
 from ..results import EigenResult
-from .lanczos import LanczosIteration
+from .lanczos import LanczosIteration, accumulation_dtype
 
 __all__ = ["top_eigenvalues"]
 
@@ -69,6 +88,24 @@ def _converged(values: torch.Tensor, bounds: torch.Tensor, tol: float, scale: fl
     return bool((bounds <= tol * torch.clamp(values.abs(), min=floor)).all())
 
 
+def _product_noise(op, scale: float) -> float:
+    """What one rounding of a product in the operator's dtype can move an eigenvalue by,
+    ``eps(dtype) * ||A||``, when that dtype is narrower than the accumulation (16-bit); else 0."""
+    if accumulation_dtype(op.dtype) == op.dtype:
+        return 0.0
+    return float(torch.finfo(op.dtype).eps) * scale
+
+
+def _targets(values: torch.Tensor, tol: float, scale: float, noise: float) -> torch.Tensor:
+    """Per-value stopping targets for the computed (Ritz or residual) part of the bound.
+
+    ``tol * |value|`` (floored as in :func:`_converged`) less the products' noise, which the final
+    bound adds; never below the noise itself (iterating further cannot get under it)."""
+    floor = 100 * torch.finfo(torch.float32).eps * scale
+    want = tol * torch.clamp(values.abs(), min=floor)
+    return torch.clamp(want - noise, min=noise)
+
+
 def top_eigenvalues(
     op,
     k: int = 1,
@@ -79,6 +116,7 @@ def top_eigenvalues(
     generator: GeneratorLike = None,
     progress: bool = False,
     check_multiplicity: bool = True,
+    vector_tol: Optional[float] = None,
 ) -> EigenResult:
     """The ``k`` extreme eigenpairs of a symmetric operator.
 
@@ -91,7 +129,9 @@ def top_eigenvalues(
         which: ``"largest"`` algebraic (default; the sharpest directions), ``"smallest"``
             algebraic (the most negative curvature), or ``"magnitude"``.
         tol: relative accuracy: stop when each eigenvalue's error bound (see module docstring) is
-            at most ``tol * |eigenvalue|``. The float32 Hessian of a network supports about 1e-5.
+            at most ``tol * |eigenvalue|``. The float32 Hessian of a network supports about 1e-5;
+            a float16 (bfloat16) operator about 1e-3 (1e-2) at best: ask for less and
+            ``converged`` is False, with a warning.
         max_matvecs: budget (default: Lanczos ``min(n, max(100, 20 k))``, power ``200 k``). If it
             runs out first, ``converged`` is False and a warning is issued.
         generator: generator, seed or ``None`` for the random start vector(s).
@@ -101,16 +141,28 @@ def top_eigenvalues(
             :func:`_lanczos_eigs`). ``False`` stops at the first convergence: one copy of a
             multiple eigenvalue, fewer matvecs (fine for the well-separated top eigenvalues of a
             network Hessian, e.g. when tracking them during training).
+        vector_tol: Lanczos only: also require the Davis-Kahan bound ``||R_k||_F / gap`` on the
+            sine of the angle between the wanted Ritz subspace and the true eigenspace to be at most
+            ``vector_tol`` (see module docstring). Default ``None``: eigenvalues only.
 
     Returns:
         :class:`hessopt.EigenResult`: ``eigenvalues`` (float64, ordered by ``which``: descending
-        for ``"largest"``), ``eigenvectors`` (``(n, k)``), ``residuals``, ``error_bounds``,
+        for ``"largest"``), ``eigenvectors`` (``(n, k)``, in the accumulation dtype: float32 for a
+        float16/bfloat16 operator, else the operator's dtype), ``residuals``, ``error_bounds``,
         ``num_matvecs``, ``converged``.
 
     Example:
         >>> r = hessopt.top_eigenvalues(op, k=5, tol=1e-4)
         >>> r.eigenvalues, r.residuals, r.converged
     """
+    return _top_eigenvalues(op, k, method, which, tol, max_matvecs, generator, progress, check_multiplicity,
+                            vector_tol, stacklevel=3)[0]
+
+
+def _top_eigenvalues(op, k=1, method="lanczos", which="largest", tol=1e-5, max_matvecs=None, generator=None,
+                     progress=False, check_multiplicity=True, vector_tol=None, stacklevel=2):
+    """:func:`top_eigenvalues` and its extras: ``(EigenResult, {"noise": .., "vector_bound": ..})``
+    (``vector_bound``: the Davis-Kahan bound when ``vector_tol`` was given; see module docstring)."""
     op = as_operator(op)
     n = op.num_params
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -121,24 +173,38 @@ def top_eigenvalues(
         raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
     if not (isinstance(tol, (int, float)) and tol > 0):
         raise ValueError(f"tol must be a positive number, got {tol!r}")
+    if vector_tol is not None and not (isinstance(vector_tol, (int, float)) and vector_tol > 0):
+        raise ValueError(f"vector_tol must be a positive number or None, got {vector_tol!r}")
     if method == "lanczos":
         budget = min(n, max(100, 20 * k)) if max_matvecs is None else max_matvecs
         if budget < k:
             raise ValueError(f"max_matvecs={budget} is too small: Lanczos needs at least k={k} matvecs")
-        result = _lanczos_eigs(op, k, which, tol, budget, generator, progress, check_multiplicity)
+        result, extra = _lanczos_eigs(op, k, which, tol, budget, generator, progress, check_multiplicity, vector_tol)
     elif method == "power":
+        if vector_tol is not None:
+            raise ValueError("vector_tol needs a gap estimate, which power iteration has not: use method='lanczos'")
         budget = 200 * k if max_matvecs is None else max_matvecs
-        result = _power_eigs(op, k, which, tol, budget, generator, progress)
+        result, extra = _power_eigs(op, k, which, tol, budget, generator, progress)
     else:
         raise ValueError(f"unknown method {method!r}; choose 'lanczos' or 'power'")
     if not result.converged:
+        noise = extra.get("noise", 0.0)
+        why = ""
+        if noise > 0:
+            name = str(op.dtype).replace("torch.", "")
+            why = (f"; the operator computes in {name}, whose products are accurate to about "
+                   f"eps*||A|| = {noise:.3g} (included in the bounds): ask for tol >= "
+                   f"{2 * noise / max(float(result.eigenvalues.abs().nan_to_num(0).min()), 1e-300):.2g} "
+                   f"or use a float32 operator")
+        elif extra.get("vector_bound") is not None and vector_tol is not None:
+            why = f"; eigenvector angle bound {extra['vector_bound']:.3g} (vector_tol={vector_tol})"
         warnings.warn(
             f"top_eigenvalues({method}) did not reach tol={tol} within {result.num_matvecs} matvecs "
-            f"(largest error bound {float(result.error_bounds.max()):.3g}); raise max_matvecs or tol",
+            f"(largest error bound {float(result.error_bounds.max()):.3g}){why}; raise max_matvecs or tol",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
-    return result
+    return result, extra
 
 
 def _ritz(it: LanczosIteration, k: int, which: str):
@@ -147,6 +213,29 @@ def _ritz(it: LanczosIteration, k: int, which: str):
     residuals = it.residuals(S, theta)
     chosen = _order(theta, which)[:k]
     return theta, S, residuals, chosen, _error_bounds(theta, residuals, chosen)
+
+
+def _subspace_bound(theta, residuals, chosen, bounds, which: str) -> float:
+    """Davis-Kahan: ``||R_k||_F / gap`` for the wanted Ritz subspace (``inf`` without a gap).
+
+    The gap is from the wanted values (each moved towards the rest by its bound) to the best Ritz value
+    outside the wanted set moved towards them by its residual. When the Krylov space is invariant
+    and there is no value outside, the subspace is exact up to its residuals."""
+    frob = float((residuals[chosen] ** 2).sum().sqrt())
+    if frob == 0:
+        return 0.0  # exact eigenvectors (an invariant space), whatever the gap
+    order = _order(theta, which)
+    if order.numel() <= chosen.numel():
+        return math.inf
+    nxt = int(order[chosen.numel()])
+    wanted, b = theta[chosen], bounds
+    if which == "largest":
+        gap = float((wanted - b).min()) - (float(theta[nxt]) + float(residuals[nxt]))
+    elif which == "smallest":
+        gap = (float(theta[nxt]) - float(residuals[nxt])) - float((wanted + b).max())
+    else:
+        gap = float((wanted.abs() - b).min()) - (abs(float(theta[nxt])) + float(residuals[nxt]))
+    return frob / gap if gap > 0 else math.inf
 
 
 def _nothing_beyond(theta, residuals, chosen, which: str, worst: float, worst_bound: float) -> bool:
@@ -176,7 +265,7 @@ def _below(value: float, radius: float, worst: float, worst_bound: float, which:
     return abs(value) + radius < abs(worst) - worst_bound
 
 
-def _lanczos_eigs(op, k, which, tol, budget, generator, progress, check_multiplicity=True) -> EigenResult:
+def _lanczos_eigs(op, k, which, tol, budget, generator, progress, check_multiplicity=True, vector_tol=None):
     """Lanczos, then a check for eigenvalues a single Krylov chain cannot see.
 
     One chain contains, of each eigenspace, only the direction of its start vector's component, so
@@ -195,21 +284,34 @@ def _lanczos_eigs(op, k, which, tol, budget, generator, progress, check_multipli
     This costs about half the first chain again on a separated spectrum, and makes ``k`` copies
     of a repeated eigenvalue come out as ``k`` copies. When the budget runs out first the check is
     incomplete; ``converged`` still reports the error bounds.
+
+    Returns ``(EigenResult, extra)`` with ``extra["noise"]`` the products' precision floor added
+    to the bounds (see :func:`_product_noise`) and ``extra["vector_bound"]``.
     """
     it = LanczosIteration(op, budget, generator=generator, restart=True)
     checking, chain_start, min_check, worst_at_check = False, 0, 0, 0.0
+
+    def settled(theta, residuals, chosen, bounds) -> bool:
+        scale = float(theta.abs().max())
+        noise = _product_noise(op, scale)
+        if not bool((bounds <= _targets(theta[chosen], tol, scale, noise)).all()):
+            return False
+        if vector_tol is None:
+            return True
+        return _subspace_bound(theta, residuals, chosen, bounds, which) <= max(vector_tol, noise / scale)
+
     with progress_bar(it.max_steps, progress, f"Lanczos top-{k}") as bar:
         while it.step():
             bar.update()
             if it.size < k:
                 continue
             theta, S, residuals, chosen, bounds = _ritz(it, k, which)
-            scale = float(theta.abs().max())
-            if not _converged(theta[chosen], bounds, tol, scale) or it.size >= it.max_steps:
+            if not settled(theta, residuals, chosen, bounds) or it.full:
                 continue
             if not check_multiplicity:
                 break
             worst, worst_bound = float(theta[chosen[-1]]), float(bounds[-1])
+            worst_bound += _product_noise(op, float(theta.abs().max()))
             if not checking:
                 min_check = max(3, math.ceil(it.size / 2))
             elif not _improved(worst, worst_at_check, max(10 * worst_bound, tol * abs(worst_at_check)), which):
@@ -223,97 +325,126 @@ def _lanczos_eigs(op, k, which, tol, budget, generator, progress, check_multipli
                 break  # nothing left outside the basis
             checking, chain_start, worst_at_check = True, it.size, worst
     theta, S, residuals, chosen, bounds = _ritz(it, k, which)
-    done = _converged(theta[chosen], bounds, tol, float(theta.abs().max()))
-    vectors = it.basis[: it.size].T @ S[:, chosen].to(op.dtype)
-    return EigenResult(
+    scale = float(theta.abs().max())
+    noise = _product_noise(op, scale)
+    bounds = bounds + noise
+    done = _converged(theta[chosen], bounds, tol, scale)
+    vector_bound = None
+    if vector_tol is not None:
+        vector_bound = _subspace_bound(theta, residuals, chosen, bounds, which)
+        done = done and vector_bound <= vector_tol
+    result = EigenResult(
         eigenvalues=theta[chosen].clone(),
-        eigenvectors=vectors,
+        eigenvectors=it.ritz_vectors(S[:, chosen]),
         residuals=residuals[chosen].clone(),
         error_bounds=bounds,
         num_matvecs=it.num_matvecs,
         converged=done,
         method="lanczos",
     )
+    return result, {"noise": noise, "vector_bound": vector_bound}
 
 
-def _power_eigs(op, k, which, tol, budget, generator, progress) -> EigenResult:
+def _power_eigs(op, k, which, tol, budget, generator, progress):
     """Power iteration on the complement of the eigenvectors found so far (deflation).
 
     Power iteration converges to the eigenvalue of largest magnitude. ``"smallest"`` runs on
     ``-A``. For ``"largest"`` (and so ``"smallest"``) a dominant eigenvalue of the wrong sign is
     shifted away: once one is met, the iteration runs on ``A + s I`` with ``s = |lambda|`` (same
     eigenvectors, the wanted end now dominant). The stopping test uses the residual of the deflated
-    operator; the reported ``residuals`` are the true ``||A v - lambda v||``.
+    operator; the reported ``residuals`` are the true ``||A v - lambda v||``. Vectors are kept in
+    the accumulation dtype (float32 for a 16-bit operator); the error bound is the residual plus
+    the products' precision floor (:func:`_product_noise`, with ``||A||`` estimated by the largest
+    ``|lambda|`` met).
     """
     gen = generator_for(op, generator)
+    acc = accumulation_dtype(op.dtype)
     sign = -1.0 if which == "smallest" else 1.0
     found: List[torch.Tensor] = []
-    values, residuals = [], []
+    values, residuals, bounds = [], [], []
     shift, matvecs, all_converged = 0.0, 0, True
+    state = {"scale": 0.0}
     with progress_bar(budget, progress, f"power top-{k}") as bar:
         while len(found) < k and matvecs < budget:
             V = torch.stack(found, dim=1) if found else None
             watch = which != "magnitude" and shift == 0.0
-            v, theta, r_true, converged, used, stalled = _power_one(op, V, sign, shift, tol, budget - matvecs, gen, watch)
+            v, theta, r_true, converged, used, stalled = _power_one(
+                op, V, sign, shift, tol, budget - matvecs, gen, watch, acc, state)
             matvecs += used
             bar.update(used)
             if watch and (stalled is not None or (converged and theta < 0)):
                 # a wrong-sign eigenvalue dominates, or ties in magnitude: look at A + s I instead
                 shift = stalled if stalled is not None else abs(theta)
                 continue
-            all_converged &= converged
             found.append(v)
             values.append(sign * theta)
             residuals.append(r_true)
+            bounds.append(r_true + _product_noise(op, state["scale"]))
+            all_converged &= converged
     while len(values) < k:  # budget exhausted: report what there is, marked unconverged
         values.append(math.nan)
         residuals.append(math.inf)
-        found.append(torch.full((op.num_params,), math.nan, dtype=op.dtype, device=op.device))
+        bounds.append(math.inf)
+        found.append(torch.full((op.num_params,), math.nan, dtype=acc, device=op.device))
         all_converged = False
     vals = torch.tensor(values, dtype=torch.float64)
     res = torch.tensor(residuals, dtype=torch.float64)
+    bnd = torch.tensor(bounds, dtype=torch.float64)
     order = _order(torch.nan_to_num(vals, nan=-math.inf if which != "smallest" else math.inf), which)
-    return EigenResult(
+    result = EigenResult(
         eigenvalues=vals[order],
         eigenvectors=torch.stack(found, dim=1)[:, order],
         residuals=res[order],
-        error_bounds=res[order].clone(),
+        error_bounds=bnd[order],
         num_matvecs=matvecs,
         converged=all_converged,
         method="power",
     )
+    return result, {"noise": _product_noise(op, state["scale"])}
 
 
-def _power_one(op, V, sign, shift, tol, budget, gen, watch: bool = False):
+def _power_one(op, V, sign, shift, tol, budget, gen, watch: bool = False, acc=None, state=None):
     """One deflated power iteration on ``sign * A + shift * I``, orthogonal to the columns of ``V``.
 
     Returns ``(v, theta, true_residual, converged, matvecs, stalled)``; ``theta = sign * v^T A v``
     and the residual refer to the same ``v``. With ``watch``, an iteration whose growth rate
     ``rho = ||A v||`` has settled while its residual stopped shrinking is abandoned and ``stalled``
     is ``rho``: eigenvalues of opposite signs tie in magnitude (``+-lambda``), so the iterate
-    oscillates between them and would never converge; the caller then shifts by ``rho``.
+    oscillates between them and would never converge; the caller then shifts by ``rho``. A
+    residual at the products' precision floor is neither: the iteration stops there
+    (``converged`` then says whether that met ``tol``).
     """
+    acc = accumulation_dtype(op.dtype) if acc is None else acc
+    state = {"scale": 0.0} if state is None else state
 
     def deflate(x):
         return x if V is None else x - V @ (V.T @ x)
 
+    def apply(x):
+        return (op @ x.to(op.dtype)).to(acc)
+
     # Gaussian: after deflation a sign vector can be exactly orthogonal to the rest of a multiple
     # eigenspace (structured matrices), which would skip the remaining copies.
-    v = deflate(probe(op.num_params, gen, dtype=op.dtype, distribution="gaussian"))
+    v = deflate(probe(op.num_params, gen, dtype=acc, distribution="gaussian"))
     v = v / torch.linalg.vector_norm(v)
     theta, r_true, used, rhos, residuals = math.nan, math.inf, 0, [], []
     while used < budget:
-        Av_full = sign * (op @ v)
+        Av_full = apply(v)
+        if sign < 0:
+            Av_full = -Av_full  # not in place: the product may alias its input
         used += 1
         Av = deflate(Av_full)
-        theta = float(torch.dot(Av.double(), v.double()))
-        r_true = float(torch.linalg.vector_norm((Av_full - theta * v).double()))
-        r = float(torch.linalg.vector_norm((Av - theta * v).double()))
-        if r <= tol * max(abs(theta), 1e-300):
-            return v, theta, r_true, True, used, None
-        rhos.append(float(torch.linalg.vector_norm(Av.double())))
+        theta = float(torch.dot(Av, v))
+        state["scale"] = max(state["scale"], abs(theta))
+        r_true = float(torch.linalg.vector_norm(Av_full - theta * v))
+        r = float(torch.linalg.vector_norm(Av - theta * v))
+        noise = _product_noise(op, state["scale"])
+        target = max(tol * max(abs(theta), 1e-300) - noise, 2 * noise)
+        if r <= target:
+            return v, theta, r_true, r + noise <= tol * max(abs(theta), 1e-300), used, None
+        rhos.append(float(torch.linalg.vector_norm(Av)))
         residuals.append(r)
-        if watch and _stalled(rhos, residuals):
+        if watch and r > 8 * noise and _stalled(rhos, residuals):
             return v, theta, r_true, False, used, rhos[-1]
         if used == budget:
             break
