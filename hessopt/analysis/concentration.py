@@ -11,6 +11,15 @@ with it. For orthonormal top eigenvectors :math:`V_k = [v_1..v_k]` the measured 
 
 the fraction of the squared gradient norm in the top-:math:`k` eigenspace (1: all of it; a
 random direction would give :math:`k/n`).
+
+**Accuracy.** :math:`\rho_k` depends on the eigen*vectors*, which converge more slowly than the
+eigenvalues: with residuals :math:`R_k` and a gap :math:`\delta` between :math:`\lambda_k` and the
+rest of the spectrum, the eigenvalue errors go as :math:`\|R_k\|^2/\delta` but the angle between
+the computed and the true eigenspace as :math:`\sin\Theta \le \|R_k\|_F/\delta` (Davis & Kahan
+1970). Since :math:`|\rho_k - \hat\rho_k| \le \|P_k - \hat P_k\|_2 = \sin\Theta_{max}` (orthogonal
+projectors), eigenvectors computed here stop on that bound: ``tol`` is the absolute accuracy of
+``fraction``, and ``error_bound`` reports the bound reached. (Stopping on the eigenvalue bound
+alone left the fraction 1.5% off on a 20x20 matrix whose second and third eigenvalues are close.)
 """
 from __future__ import annotations
 
@@ -21,7 +30,7 @@ import torch
 
 from ..probes import GeneratorLike
 from ..results import EigenResult
-from ..spectrum import top_eigenvalues
+from ..spectrum.eigen import _top_eigenvalues
 from ._common import as_basis, check_orthonormal, plain_dict
 
 __all__ = ["GradientConcentration", "gradient_concentration"]
@@ -38,6 +47,9 @@ class GradientConcentration:
         grad_norm: :math:`\\|g\\|`.
         eigenvalues: ``(k,)`` float64 eigenvalues of the directions, when known, else ``None``.
         chance: ``k / n``, the expected fraction for a random gradient direction.
+        error_bound: a bound on ``|fraction - true fraction|`` from the eigenvectors' Davis-Kahan
+            bound when they were computed here (``inf`` if no gap could be certified), ``None``
+            for given eigenvectors.
     """
 
     fraction: float
@@ -46,6 +58,7 @@ class GradientConcentration:
     grad_norm: float
     eigenvalues: Optional[torch.Tensor]
     chance: float
+    error_bound: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return plain_dict(self)
@@ -72,7 +85,10 @@ def gradient_concentration(
         eigenvectors: precomputed orthonormal eigenvectors ``(n, >=k)`` or an
             :class:`hessopt.EigenResult` (then its eigenvalues are reported too); default: computed
             here with :func:`hessopt.top_eigenvalues`.
-        tol, max_matvecs, generator: passed to :func:`hessopt.top_eigenvalues`.
+        tol: absolute accuracy of ``fraction`` when the eigenvectors are computed here: the
+            eigensolver stops when the Davis-Kahan bound on the eigenspace angle (see module
+            docstring) is at most ``tol`` (and each eigenvalue is accurate to ``tol`` relative).
+        max_matvecs, generator: passed to :func:`hessopt.top_eigenvalues`.
         orthonormal_tol: tolerance of the orthonormality check of given eigenvectors.
 
     Example:
@@ -81,12 +97,15 @@ def gradient_concentration(
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
-    eigenvalues = None
-    if eigenvectors is None:
+    if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol > 0):
+        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    eigenvalues, bound, computed = None, None, eigenvectors is None
+    if computed:
         if op is None:
             raise ValueError("give an operator (op) or precomputed eigenvectors")
-        result = top_eigenvalues(op, k=k, tol=tol, max_matvecs=max_matvecs, generator=generator)
-        V, eigenvalues = result.eigenvectors, result.eigenvalues
+        result, extra = _top_eigenvalues(op, k=k, tol=tol, max_matvecs=max_matvecs, generator=generator,
+                                         vector_tol=tol, stacklevel=3)
+        V, eigenvalues, bound = result.eigenvectors, result.eigenvalues, extra["vector_bound"]
     else:
         if isinstance(eigenvectors, EigenResult):
             eigenvalues = eigenvectors.eigenvalues[:k]
@@ -118,4 +137,5 @@ def gradient_concentration(
         grad_norm=norm2**0.5,
         eigenvalues=None if eigenvalues is None else eigenvalues.cpu(),
         chance=V.shape[1] / V.shape[0],
+        error_bound=None if bound is None else float(bound),
     )
