@@ -669,3 +669,22 @@ def test_dict_batch_errors_say_what_to_do():
         hessopt.HessianOperator(model, None, batches, batch_size=lambda b: "four").loss()
     with pytest.raises(TypeError, match=r"batch_size must be a callable"):
         hessopt.HessianOperator(model, None, batches, batch_size=4)
+
+
+@pytest.mark.parametrize("start", ["eval", "train"])
+@pytest.mark.parametrize("op_class", ["ggn", "fisher"])
+def test_train_override_cache_left_clean_by_ggn_and_fisher(start, op_class):
+    model, (x, y) = _cached_net(), _data(8)
+    with torch.no_grad():
+        before = model.eval()(x).clone()
+    getattr(model, start)()
+    build = hessopt.GGNOperator if op_class == "ggn" else hessopt.EmpiricalFisherOperator
+    op = build(model, nn.CrossEntropyLoss(), (x, y))
+    op @ _flat_probe(op)
+    assert model[0].training == (start == "train")
+    assert not any(t.requires_grad or type(t) is not torch.Tensor for t in model[0].cache.values())
+    __import__("copy").deepcopy(model)
+    with torch.no_grad():
+        model[0].biases.add_(0.5)
+        after = model.eval()(x)
+    assert (after - before).abs().max() > 1e-3
