@@ -184,13 +184,18 @@ class LanczosIteration:
             self._cast.copy_(v)
             out = self.op @ self._cast
         w = self._rows[j + 1]
-        w.copy_(out.reshape(-1))  # the product cast up to the accumulation dtype
-        del out
+        out = out.reshape(-1)
         self.num_matvecs += 1
         coefficients = torch.zeros(j + 1, dtype=torch.float64)
         # the three-term step, then the full pass corrects its rounding (coefficients summed in float64)
-        alpha = float(torch.dot(w, v))
-        w.sub_(v, alpha=alpha)
+        if out.dtype == self.dtype:
+            alpha = float(torch.dot(out, v))
+            torch.sub(out, v, alpha=alpha, out=w)  # copy into the buffer and first step in one pass
+        else:
+            w.copy_(out)  # the product cast up to the accumulation dtype
+            alpha = float(torch.dot(w, v))
+            w.sub_(v, alpha=alpha)
+        del out
         coefficients[j] = alpha
         beta_prev = self.betas[-1] if self.betas else 0.0
         if beta_prev:
