@@ -30,7 +30,7 @@ from benchmarks.harness import base_record, environment, finite_or_none, format_
 from benchmarks.optimizers import OPTIMIZER_NAMES  # noqa: E402
 from benchmarks.workloads import WORKLOAD_NAMES  # noqa: E402
 
-SUITES = ("optimizer", "hvp", "diagnostics", "quality")
+SUITES = ("optimizer", "hvp", "diagnostics", "quality", "lanczos")
 
 
 def _names(text):
@@ -130,6 +130,8 @@ def _run_suite(name: str, args, env, records, flush):
         from benchmarks.suite_hvp import run_suite
     elif name == "quality":
         from benchmarks.suite_quality import run_suite
+    elif name == "lanczos":  # benchmarks/suite_lanczos.py (also runnable alone, with its own options)
+        from benchmarks.suite_lanczos import run_suite
     else:
         from benchmarks.suite_diagnostics import run_suite
     return run_suite(args, env, records, flush)
