@@ -97,12 +97,13 @@ _PER_EXAMPLE = {
 
 
 @pytest.fixture(autouse=True)
-def _doctest_names(request, tmp_path, monkeypatch):
+def _doctest_names(request):
     """Fresh names, a temporary working folder and output rule for every doctest; nothing for other tests."""
     item = request.node
     if not (DoctestItem and isinstance(item, DoctestItem)):
         yield
         return
+    tmp_path, monkeypatch = request.getfixturevalue("tmp_path"), request.getfixturevalue("monkeypatch")
     import matplotlib
     import torch
 
