@@ -1,6 +1,8 @@
 """Temporary, thread-local replacements of torch functions: one mechanism, one locking rule.
 
-The optimizers need to change what a user's *unchanged* closure does on curvature steps: its
+The HVP core reroutes functions of ``torch.nn.functional`` inside :func:`hessopt.second_order_safe`
+(twice-differentiable attention, fast double backwards) and the optimizers need to change what a
+user's *unchanged* closure does on curvature steps: its
 ``loss.backward()`` must build (or keep) the graph, and its ``F.cross_entropy`` call must hand over
 the logits. The logits are taken by a torch function mode (:class:`_CrossEntropyCapture`, per
 thread by torch's own rule). ``backward()`` is changed by replacing ``torch.autograd.backward`` with
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ThreadLocalPatch", "BACKWARD", "graph_building_backward", "capture_cross_entropy"]
+__all__ = ["ThreadLocalPatch", "replacing", "all_active", "BACKWARD", "graph_building_backward", "capture_cross_entropy"]
 
 _LOCK = threading.Lock()
 
@@ -78,6 +80,20 @@ class ThreadLocalPatch:
                 # code that wrapped ours meanwhile keeps its wrapper (ours inside it passes calls through)
                 if self._installs == 0 and getattr(self.owner, self.name) is self.wrapper:
                     setattr(self.owner, self.name, self._original)
+
+
+def replacing(owner: Any, name: str, replacement: Callable[..., Any]) -> ThreadLocalPatch:
+    """A :class:`ThreadLocalPatch` that calls ``replacement`` instead of ``owner.name`` inside its blocks."""
+    return ThreadLocalPatch(owner, name, lambda payload, original, *args, **kwargs: replacement(*args, **kwargs))
+
+
+@contextlib.contextmanager
+def all_active(patches, payload: Any = None) -> Iterator[None]:
+    """Every patch of ``patches`` active for this thread inside the block."""
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch.active(payload))
+        yield
 
 
 # -- autograd.backward: build or keep the graph ------------------------------------------------------

@@ -39,14 +39,13 @@ Functions:
 from __future__ import annotations
 
 import contextlib
-import threading
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from . import _attention, _batchnorm, _conv, _relu, _weight_norm
+from . import _attention, _batchnorm, _conv, _patches, _relu, _weight_norm
 
 __all__ = ["hvp", "hvp_from_grads", "second_order_safe", "gradients_with_graph", "as_param_list"]
 
@@ -352,8 +351,8 @@ def forward_mode_safe() -> Iterator[None]:
         yield
 
 
-_patch_lock = threading.Lock()
-_patch_depth = 0
+# module attributes of torch.nn.functional, replaced for this thread inside second_order_safe()
+_F_ROUTES = [_patches.replacing(F, name, patched) for name, (_, patched) in _F_PATCHES.items()]
 
 
 @contextlib.contextmanager
@@ -371,7 +370,8 @@ def second_order_safe() -> Iterator[None]:
     out, ``v * g / ||v||``: PyTorch's fused kernel has a wrong double backward on CPU.
     ``F.batch_norm``, ``F.conv1d/2d/3d`` and ``F.relu`` (and their ``torch.*`` spellings) take the
     fast paths of the module docstring: same values and derivatives, faster double backward.
-    Re-entrant; the module attributes are process-global while any thread is inside the block.
+    Re-entrant and per thread: the module attributes are replaced (:mod:`hessopt._patches`) while
+    any thread is inside the block, and act only for the threads inside it.
 
     Example:
         >>> with hessopt.second_order_safe():
@@ -379,18 +379,5 @@ def second_order_safe() -> Iterator[None]:
         ...     grads = torch.autograd.grad(loss, params, create_graph=True)
         >>> hv = hessopt.hvp_from_grads(grads, params, vectors)
     """
-    global _patch_depth
-    with _patch_lock:
-        if _patch_depth == 0:
-            for name, (_, patched) in _F_PATCHES.items():
-                setattr(F, name, patched)
-        _patch_depth += 1
-    try:
-        with _SecondOrderMode():
-            yield
-    finally:
-        with _patch_lock:
-            _patch_depth -= 1
-            if _patch_depth == 0:
-                for name, (original, _) in _F_PATCHES.items():
-                    setattr(F, name, original)
+    with _patches.all_active(_F_ROUTES), _SecondOrderMode():
+        yield

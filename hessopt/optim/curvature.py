@@ -43,6 +43,7 @@ from .._checks import check_positive_int
 from ..hvp import hvp_from_grads
 from ..probes import PROBE_DISTRIBUTIONS, probe
 from ._multi_tensor import restore
+from ._sharded import Sharding, is_dtensor, local
 
 __all__ = [
     "CurvatureInputs", "CurvatureSource", "Hutchinson", "GaussNewtonBartlett", "FiniteDifference",
@@ -68,6 +69,9 @@ class CurvatureInputs:
     generators: Dict[torch.device, torch.Generator]
     captures: List[dict] = field(default_factory=list)
     gradients_again: Optional[Callable[[], List[torch.Tensor]]] = None
+    #: set when the parameters are sharded DTensors (FSDP2): ``grads`` and the returned estimates
+    #: are then the rank-local chunks, ``params`` the DTensors themselves (see ``_sharded``)
+    sharding: Optional[Sharding] = None
 
 
 class CurvatureSource:
@@ -87,7 +91,12 @@ class CurvatureSource:
         return self.estimate(CurvatureInputs(params, grads, generators, **inputs))
 
 
-def _probes(params, generators, distribution) -> List[torch.Tensor]:
+def _probes(params, generators, distribution, sharding: Optional[Sharding] = None) -> List[torch.Tensor]:
+    """One probe per parameter; for a sharded parameter this rank's chunk of the full-size probe."""
+    if sharding is not None:
+        return [sharding.probe(p, generators[p.device], distribution) if is_dtensor(p)
+                else probe(p.shape, generators[p.device], dtype=p.dtype, device=p.device, distribution=distribution)
+                for p in params]
     return [probe(p.shape, generators[p.device], dtype=p.dtype, device=p.device, distribution=distribution)
             for p in params]
 
@@ -118,7 +127,7 @@ class Hutchinson(CurvatureSource):
             zs = _probes(params, inputs.generators, self.distribution)
             hzs = hvp_from_grads(grads, params, zs, retain_graph=s < self.n_samples - 1)
             terms = torch._foreach_mul(zs, hzs)
-            total = list(terms) if total is None else torch._foreach_add(total, terms)
+            total = list(terms) if total is None else list(torch._foreach_add(total, terms))
         if self.n_samples > 1:
             torch._foreach_div_(total, float(self.n_samples))
         return total
@@ -168,19 +177,50 @@ class GaussNewtonBartlett(CurvatureSource):
         capture = inputs.captures[0]
         logits, valid, scale = _flat_predictions(capture)
         num = int(valid.sum())
-        if num == 0:
+        sharding = inputs.sharding
+        if sharding is not None:
+            # FSDP2 averages the sampled loss's gradient over the ranks: g_hat is the gradient of
+            # the global mean sampled loss, so B is the global number of predictions
+            total_num = sharding.count(num)
+            if scale != 1.0:  # reduction="sum": the user's loss is the global sum
+                scale = float(total_num)
+            if total_num == 0:
+                return [torch.zeros_like(local(p)) for p in inputs.params]
+        elif num == 0:
             return [torch.zeros_like(p) for p in inputs.params]
         logits = logits[valid]
         probs = torch.softmax(_at_least_float32(logits.detach()), dim=-1)
         gen = inputs.generators.get(logits.device) or next(iter(inputs.generators.values()))
         total: Optional[List[torch.Tensor]] = None
         for s in range(self.n_samples):
-            sampled = torch.multinomial(probs, 1, generator=gen).squeeze(1)
-            terms = self.for_labels(inputs.params, logits, sampled, scale, retain_graph=s < self.n_samples - 1)
-            total = terms if total is None else torch._foreach_add(total, terms)
+            sampled = torch.multinomial(probs, 1, generator=gen).squeeze(1) if num else logits.new_zeros(0, dtype=torch.long)
+            retain = s < self.n_samples - 1
+            if sharding is not None:
+                terms = self._sharded_terms(inputs.params, logits, sampled, num, total_num, scale, retain, sharding)
+            else:
+                terms = self.for_labels(inputs.params, logits, sampled, scale, retain_graph=retain)
+            total = terms if total is None else list(torch._foreach_add(total, terms))
         if self.n_samples > 1:
             torch._foreach_div_(total, float(self.n_samples))
         return total
+
+    @staticmethod
+    def _sharded_terms(params, logits, labels, num, total_num, scale, retain_graph, sharding) -> List[torch.Tensor]:
+        r"""FSDP2: :math:`c\,N\,\bar g\odot\bar g` on this rank's chunks, where :math:`\bar g` is
+        the rank average (FSDP's reduce-scatter after a plain ``backward()``) of the gradients of the
+        ranks' mean sampled losses, i.e. the gradient of the global mean sampled loss when the ranks
+        hold equal numbers of predictions, and :math:`N` the global number of predictions: the
+        1-process estimator on the union of the ranks' batches (another draw of its labels).
+        ``torch.autograd.grad`` cannot reach the shards, hence the plain backward into ``p.grad``
+        (the step's own gradients are put back)."""
+        if num:
+            loss = F.cross_entropy(_at_least_float32(logits), labels, reduction="sum") / num
+        else:  # no prediction here, but FSDP's reduce-scatter needs this rank's backward too
+            loss = logits.sum() * 0.0
+        grads = sharding.backward_grads(loss, params, retain_graph)
+        terms = list(torch._foreach_mul(grads, grads))
+        torch._foreach_mul_(terms, total_num * scale)
+        return terms
 
     @staticmethod
     def for_labels(params: Sequence[torch.Tensor], logits: torch.Tensor, labels: torch.Tensor, scale: float = 1.0,
@@ -260,15 +300,20 @@ class FiniteDifference(CurvatureSource):
     def __repr__(self) -> str:
         return f"FiniteDifference(scheme={self.scheme!r}, n_samples={self.n_samples}, step_scale={self.step_scale})"
 
-    def step_size(self, params: Sequence[torch.Tensor], zs: Sequence[torch.Tensor]) -> float:
-        """:math:`h` for probes ``zs`` at ``params`` (see the class docstring)."""
+    def step_size(self, params: Sequence[torch.Tensor], zs: Sequence[torch.Tensor],
+                  sharding: Optional[Sharding] = None, sharded: Optional[Sequence[bool]] = None) -> float:
+        """:math:`h` for probes ``zs`` at ``params`` (see the class docstring); with ``sharding``,
+        ``params`` and ``zs`` are rank-local chunks and the norms are the global ones."""
         if self.step_scale is not None:
             c = self.step_scale
         else:
             eps = max(torch.finfo(p.dtype).eps for p in params)
             c = math.sqrt(eps) if self.scheme == "forward" else eps ** (1.0 / 3.0)
-        norms = torch.stack([torch.linalg.vector_norm(t.detach().double()) for t in [*params, *zs]])
-        sq = (norms**2).tolist()
+        if sharding is not None:
+            sq = sharding.squared_norms([*params, *zs], [*sharded, *sharded])
+        else:
+            norms = torch.stack([torch.linalg.vector_norm(t.detach().double()) for t in [*params, *zs]])
+            sq = (norms**2).tolist()
         theta = math.sqrt(sum(sq[: len(params)]))
         z = math.sqrt(sum(sq[len(params):]))
         return c * (1.0 + theta) / max(z, 1e-30)
@@ -279,7 +324,10 @@ class FiniteDifference(CurvatureSource):
                 "curvature='finite_difference' evaluates the loss again at perturbed weights, which "
                 "needs the closure: call opt.step(closure)"
             )
-        params = list(inputs.params)
+        sharding = inputs.sharding
+        # on sharded parameters the rank-local chunks (views: writing them moves the DTensors)
+        params = [local(p) for p in inputs.params]
+        sharded = [is_dtensor(p) for p in inputs.params]
         saved = [p.detach().clone() for p in params]
         buffers = [b for b in self.model.buffers()] if self.model is not None else []
         saved_buffers = [b.clone() for b in buffers]
@@ -287,8 +335,8 @@ class FiniteDifference(CurvatureSource):
         total: Optional[List[torch.Tensor]] = None
         try:
             for _ in range(self.n_samples):
-                zs = _probes(params, inputs.generators, self.distribution)
-                h = self.step_size(params, zs)
+                zs = _probes(inputs.params, inputs.generators, self.distribution, sharding)
+                h = self.step_size(params, zs, sharding=sharding, sharded=sharded)
                 plus = self._gradients_at(params, saved, zs, h, inputs)
                 if self.scheme == "forward":
                     diff = torch._foreach_sub(plus, g0)
@@ -298,7 +346,7 @@ class FiniteDifference(CurvatureSource):
                     diff = torch._foreach_sub(plus, minus)
                     torch._foreach_div_(diff, 2 * h)
                 terms = torch._foreach_mul(zs, diff)
-                total = list(terms) if total is None else torch._foreach_add(total, terms)
+                total = list(terms) if total is None else list(torch._foreach_add(total, terms))
         finally:
             restore(params + buffers, saved + saved_buffers)
         if self.n_samples > 1:
