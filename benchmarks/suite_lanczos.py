@@ -1,4 +1,4 @@
-r"""Lanczos suite: where ``top_eigenvalues`` spends its time at model scale (issue 15, item 5).
+r"""Lanczos suite: where ``top_eigenvalues`` spends its time at model scale.
 
 On a model of 10M-30M parameters, ``hessopt.top_eigenvalues(op, k=5)`` is run twice on the same
 float32 Hessian, interleaved: once with the current kernel (``hessopt.spectrum``), once with the

@@ -209,7 +209,7 @@ class _PausingOperator(hessopt.operators.CurvatureOperator):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_lanczos_step_allocates_no_full_length_vector(dtype):
-    """Issue 15 item 5: no float64 copy of any full-length vector and no per-step temporaries: the
+    """No float64 copy of any full-length vector and no per-step temporaries: the
     kernel works in its preallocated buffer (the operator's product is the operator's)."""
     from hessopt.spectrum.lanczos import LanczosIteration
 

@@ -1,4 +1,4 @@
-"""Spectrum estimators on half-precision operators, against a float64 reference (issue 12, item 4).
+"""Spectrum estimators on half-precision operators, against a float64 reference.
 
 A float16 / bfloat16 operator's products are accurate to about ``eps(dtype) * ||A||``; Lanczos and
 power iteration must accumulate in float32 (the products are cast up), report error bounds that
