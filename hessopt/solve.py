@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from ._checks import check_positive_int
 from .operators import CurvatureOperator, as_operator, flatten, unflatten
 
 __all__ = ["SolveResult", "solve"]
@@ -120,8 +121,7 @@ def solve(
         raise ValueError(f"tol must be a positive number, got {tol!r}")
     if max_iter is None:
         max_iter = min(op.num_params, 1000)
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    check_positive_int("max_iter", max_iter)
 
     def apply(v: torch.Tensor) -> torch.Tensor:
         out = op @ v

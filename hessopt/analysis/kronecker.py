@@ -74,6 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import check_positive_int
 from ..operators import (
     HessianOperator,
     LambdaOperator,
@@ -135,7 +136,7 @@ class KroneckerFactors:
 
     def matrix(self) -> torch.Tensor:
         """The dense ``S (x) A`` (float64; ``n x n`` with ``n = weight.numel()``: small layers only)."""
-        return torch.kron(self.output_factor, self.input_factor)
+        return torch.kron(self.output_factor.contiguous(), self.input_factor.contiguous())
 
     def operator(self) -> LambdaOperator:
         """``S (x) A`` as an operator, applied without forming it: ``vec_r(V) -> vec_r(S V A)``."""
@@ -246,7 +247,7 @@ def kronecker_factors(
     return_ggn: bool = False,
     tol: float = 1e-3,
     max_matvecs: Optional[int] = None,
-    generator: GeneratorLike = 0,
+    generator: GeneratorLike = None,
     chunk_size: int = 128,
     positions: str = "expand",
 ) -> KroneckerFactors:
@@ -279,8 +280,7 @@ def kronecker_factors(
     name, module = _find_layer(model, layer)
     if positions not in ("expand", "reduce"):
         raise ValueError(f"positions must be 'expand' or 'reduce', got {positions!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    check_positive_int("k", k)
     W = module.weight
     n_weight = W.numel()
     k = min(k, n_weight)

@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from .._checks import check_positive_int
 from ..operators import HessianOperator, _select_params, flatten, unflatten
 from ..probes import GeneratorLike, make_generator
 from ..spectrum import top_eigenvalues
@@ -72,7 +73,7 @@ def random_directions(
     num: int = 1,
     params: Any = None,
     filter_normalize: bool = True,
-    generator: GeneratorLike = 0,
+    generator: GeneratorLike = None,
 ) -> torch.Tensor:
     """Random directions ``(n, num)`` over the model's trainable parameters (or ``params``).
 
@@ -80,8 +81,7 @@ def random_directions(
     parameter gets the norm of the same filter of the weights and vector-shaped parameters get 0;
     without it, the directions are unit-norm Gaussian vectors.
     """
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-        raise ValueError(f"num must be a positive int, got {num!r}")
+    check_positive_int("num", num)
     _, ps = _select_params(model, params)
     gen = make_generator(generator, "cpu")
     cols = []
@@ -145,7 +145,7 @@ def loss_landscape(
     params: Any = None,
     bn_mode: str = "eval",
     filter_normalize: bool = True,
-    generator: GeneratorLike = 0,
+    generator: GeneratorLike = None,
     progress: bool = False,
 ) -> Landscape:
     r"""Loss on a line (1 direction) or plane (2 directions) through the current parameters.

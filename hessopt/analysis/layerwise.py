@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .._checks import check_positive_int
 from ..operators import HessianOperator
 from ..probes import GeneratorLike
 from ..results import SpectralDensity, _ToDict, _compact
@@ -247,8 +248,7 @@ def layerwise(
         >>> print(table.to_markdown().splitlines()[0])
         | block | params | top eigenvalues | trace |
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    check_positive_int("k", k)
     if isinstance(trace_matvecs, bool) or not isinstance(trace_matvecs, int) or trace_matvecs < 0:
         raise ValueError(f"trace_matvecs must be an int >= 0 (0 skips the trace), got {trace_matvecs!r}")
     spec = resolve_blocks(model, blocks)

@@ -10,6 +10,8 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .._checks import check_positive_int
+
 __all__ = [
     "CurvatureOperator",
     "MatrixOperator",
@@ -194,8 +196,7 @@ class LambdaOperator(CurvatureOperator):
     ):
         if not callable(matvec_fn):
             raise TypeError("matvec_fn must be callable: v -> A v")
-        if isinstance(num_params, bool) or not isinstance(num_params, int) or num_params < 1:
-            raise ValueError(f"num_params must be a positive int, got {num_params!r}")
+        check_positive_int("num_params", num_params)
         self._fn = matvec_fn
         self.num_params = num_params
         self.dtype = dtype
