@@ -290,7 +290,7 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         import timm.optim
     except ImportError as err:
         raise ImportError(f"--opt {cfg.opt} would come from timm: pip install hessopt[timm]") from err
-    if cfg.opt.startswith("hessopt_"):
+    if "hessopt" in cfg.opt.lower():  # hessopt-adahessian, hessopt_adahessian, lookahead_hessopt-adahessian
         from hessopt.integrations.timm import register
 
         register()
