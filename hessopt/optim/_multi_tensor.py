@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 __all__ = ["by_device_and_dtype", "finite_flags", "curvature_flags", "commit_parameter_updates",
-           "overflow_limit", "interrupts_held", "restore"]
+           "overflow_limit", "interrupts_held", "restore", "commit_in_place"]
 
 
 def by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> Dict[Tuple[torch.device, torch.dtype], List[int]]:
@@ -110,3 +110,14 @@ def commit_parameter_updates(params: Sequence[torch.Tensor], deltas: Sequence[to
         for ps, saved in backups:
             restore(ps, saved)
         raise
+
+
+def commit_in_place(params: Sequence[torch.Tensor], moments: Sequence[Sequence[torch.Tensor]], result) -> None:
+    """Write a kernel's computed step into the given tensors (the functional, torch-style form):
+    the parameter deltas all or nothing, then the new moments copied into the moment tensors."""
+    moved = [i for i, d in enumerate(result.deltas) if d is not None]
+    commit_parameter_updates([params[i] for i in moved], [result.deltas[i] for i in moved])
+    for old, new in zip(moments, result.moments):
+        for o, n in zip(old, new):
+            if o is not n:
+                o.copy_(n)

@@ -15,7 +15,7 @@ import torch
 
 from .._checks import check_betas, check_number
 from ._base import CurvatureOptimizer, KernelResult, NonFiniteError, SecondOrderGraphError
-from ._multi_tensor import by_device_and_dtype, commit_parameter_updates, curvature_flags, overflow_limit
+from ._multi_tensor import by_device_and_dtype, commit_in_place, curvature_flags, overflow_limit
 from .averaging import AVERAGING_POLICIES, average_curvature
 
 __all__ = ["AdaHessian", "adahessian", "SecondOrderGraphError", "NonFiniteError"]
@@ -59,35 +59,29 @@ def adahessian(
                     lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                     hessian_power=hessian_power, clip=clip, averaging=averaging, block_length=block_length)
     if commit:
-        moved = [i for i, d in enumerate(result.deltas) if d is not None]
-        commit_parameter_updates([params[i] for i in moved], [result.deltas[i] for i in moved])
-        for old, new in zip((exp_avgs, exp_hessian_diag_sqs), result.moments):
-            for o, n in zip(old, new):
-                if o is not n:
-                    o.copy_(n)
+        commit_in_place(params, (exp_avgs, exp_hessian_diag_sqs), result)
     return result
 
 
-def _estimate_flags(curvatures, n) -> Tuple[List[Optional[torch.Tensor]], List[bool], List[bool]]:
-    """The estimates per parameter (``None`` where absent), whether each is finite, whether it overflows."""
+def _prepare(curvatures, curvature_updates, steps, beta1, beta2, n):
+    """What both kernels need first: the estimates per parameter (``None`` where absent), which are
+    taken (present and finite), which overflow, the curvature-update counts after this step, the
+    bias corrections ``1 - b1^t`` and ``sqrt(1 - b2^h)``, and which estimates were not finite."""
     ds = list(curvatures) if curvatures is not None else [None] * n
     finite, over = curvature_flags(ds)
-    return ds, finite, over
-
-
-def _bias_corrections(beta1, beta2, steps, counts) -> Tuple[List[float], List[float]]:
-    """``1 - b1^t`` for the step after this one, and ``sqrt(1 - b2^h)`` for ``h`` curvature updates."""
-    return [1 - beta1 ** (t + 1) for t in steps], [math.sqrt(1 - beta2**h) if h else 1.0 for h in counts]
+    took = [d is not None and f for d, f in zip(ds, finite)]
+    counts = [h + int(t) for h, t in zip(curvature_updates, took)]
+    bc1 = [1 - beta1 ** (t + 1) for t in steps]
+    bc2 = [math.sqrt(1 - beta2**h) if h else 1.0 for h in counts]
+    nonfinite = [d is not None and not f for d, f in zip(ds, finite)]
+    return ds, took, [t and o for t, o in zip(took, over)], counts, bc1, bc2, nonfinite
 
 
 def _single_tensor_adahessian(params, grads, exp_avgs, vs, curvatures, steps, curvature_updates, *, lr, beta1,
                               beta2, eps, weight_decay, hessian_power, clip, averaging, block_length) -> KernelResult:
     """The reference kernel, tensor by tensor (all out of place: nothing is written)."""
     n = len(params)
-    ds, finite, over = _estimate_flags(curvatures, n)
-    took = [d is not None and f for d, f in zip(ds, finite)]
-    counts = [h + int(t) for h, t in zip(curvature_updates, took)]
-    bc1, bc2 = _bias_corrections(beta1, beta2, steps, counts)
+    ds, took, over, counts, bc1, bc2, nonfinite = _prepare(curvatures, curvature_updates, steps, beta1, beta2, n)
     new_m, new_v, deltas = list(exp_avgs), list(vs), [None] * n
     for i, p in enumerate(params):
         if took[i]:
@@ -108,18 +102,14 @@ def _single_tensor_adahessian(params, grads, exp_avgs, vs, curvatures, steps, cu
         if weight_decay:
             update.add_(p.detach(), alpha=lr * weight_decay)
         deltas[i] = update
-    return KernelResult(deltas, [new_m, new_v], took, [d is not None and not f for d, f in zip(ds, finite)],
-                        [t and o for t, o in zip(took, over)])
+    return KernelResult(deltas, [new_m, new_v], took, nonfinite, over)
 
 
 def _multi_tensor_adahessian(params, grads, exp_avgs, vs, curvatures, steps, curvature_updates, *, lr, beta1,
                              beta2, eps, weight_decay, hessian_power, clip, averaging, block_length) -> KernelResult:
     """The same update with ``torch._foreach_*`` kernels, one call per (device, dtype) for each operation."""
     n = len(params)
-    ds, finite, over = _estimate_flags(curvatures, n)
-    took = [d is not None and f for d, f in zip(ds, finite)]
-    counts = [h + int(t) for h, t in zip(curvature_updates, took)]
-    bc1, bc2 = _bias_corrections(beta1, beta2, steps, counts)
+    ds, took, over, counts, bc1, bc2, nonfinite = _prepare(curvatures, curvature_updates, steps, beta1, beta2, n)
     new_m, new_v, deltas = list(exp_avgs), list(vs), [None] * n
     for idx in by_device_and_dtype(params).values():
         fresh = [i for i in idx if took[i]]
@@ -155,8 +145,7 @@ def _multi_tensor_adahessian(params, grads, exp_avgs, vs, curvatures, steps, cur
             torch._foreach_add_(update, [params[i].detach() for i in live], alpha=lr * weight_decay)
         for j, i in enumerate(live):
             new_m[i], deltas[i] = m[j], update[j]
-    return KernelResult(deltas, [new_m, new_v], took, [d is not None and not f for d, f in zip(ds, finite)],
-                        [t and o for t, o in zip(took, over)])
+    return KernelResult(deltas, [new_m, new_v], took, nonfinite, over)
 
 
 class AdaHessian(CurvatureOptimizer):

@@ -14,7 +14,7 @@ import torch
 
 from .._checks import check_betas, check_number
 from ._base import CurvatureOptimizer, KernelResult
-from ._multi_tensor import by_device_and_dtype, commit_parameter_updates, curvature_flags
+from ._multi_tensor import by_device_and_dtype, commit_in_place, curvature_flags
 
 __all__ = ["Sophia", "sophia", "SOPHIA_PRESETS"]
 
@@ -55,12 +55,7 @@ def sophia(
     result = kernel(params, grads, exp_avgs, hessians, curvatures, steps, curvature_updates, lr=lr, beta1=beta1,
                     beta2=beta2, rho=rho, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction)
     if commit:
-        moved = [i for i, d in enumerate(result.deltas) if d is not None]
-        commit_parameter_updates([params[i] for i in moved], [result.deltas[i] for i in moved])
-        for old, new in zip((exp_avgs, hessians), result.moments):
-            for o, n in zip(old, new):
-                if o is not n:
-                    o.copy_(n)
+        commit_in_place(params, (exp_avgs, hessians), result)
     return result
 
 
