@@ -330,15 +330,6 @@ _NO_GROUP = (
 )
 
 
-_SHARDED = (
-    "AdaHessian got a sharded DTensor parameter (FSDP2's fully_shard, or tensor parallelism), which "
-    "it does not support: its probes and the rank average of z*Hz assume replicated parameters, and "
-    "under FSDP2 the gradient of a shard is reduce-scattered outside autograd, so no graph leads "
-    "from the loss to it and no Hessian-vector product can be taken. Train with "
-    "DistributedDataParallel (replicated parameters); see docs/distributed.md."
-)
-
-
 def _is_dtensor(p: torch.Tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
@@ -367,15 +358,17 @@ def _optimizer_state_digest(opt) -> tuple:
     return (glob.get("step", 0), digest.hexdigest())
 
 
-def _checksums(params: Sequence[torch.Tensor]) -> List[List[float]]:
-    """``[sum, sum of |.|]`` of each tensor in float64; one host transfer for all of them."""
-    if not params:
-        return []
-    device = params[0].device
-    sums = torch.stack(
-        [torch.stack([p.detach().double().sum(), p.detach().double().abs().sum()]).to(device) for p in params]
-    )
-    return sums.cpu().tolist()
+def _checksums(params: Sequence[torch.Tensor]) -> List[Optional[List[float]]]:
+    """``[sum, sum of |.|]`` of each tensor in float64; one host transfer for all of them. ``None``
+    for a sharded (DTensor) parameter: each rank holds its own chunk, there is nothing to compare."""
+    plain = [p for p in params if not _is_dtensor(p)]
+    if not plain:
+        return [None] * len(params)
+    device = plain[0].device
+    sums = iter(torch.stack(
+        [torch.stack([p.detach().double().sum(), p.detach().double().abs().sum()]).to(device) for p in plain]
+    ).cpu().tolist())
+    return [None if _is_dtensor(p) else next(sums) for p in params]
 
 
 class OptimizerSync:
@@ -409,6 +402,12 @@ class OptimizerSync:
     any difference raises a ``ValueError`` on every rank (rather than a hang or a silent
     divergence). They are compared again at the first step after :meth:`AdaHessian.load_state_dict`.
 
+    **FSDP2.** With sharded DTensor parameters (``fully_shard``) only first-order sources are
+    accepted (:meth:`watch` raises a ``TypeError`` naming ``"gnb"`` and ``"finite_difference"``);
+    the gradients and curvature estimates of the shards are already rank averages (FSDP's
+    reduce-scatter) and are not averaged again, and the first-step check compares everything but
+    the values of the shards (see ``hessopt.optim._sharded``).
+
     **When.** ``enabled=None`` (the optimizer's ``distributed=None``): active whenever a default
     process group is initialized at the time of a backward or step, with any number of processes
     (DDP with one process has the same in-place problem); the curvature is averaged over all
@@ -441,7 +440,10 @@ class OptimizerSync:
             if id(p) in self._hooked or not p.requires_grad:
                 continue
             if _is_dtensor(p) and getattr(self._optimizer.curvature, "needs_graph", True):
-                raise TypeError(_SHARDED)
+                from .optim._sharded import check_sharded_parameter
+
+                # raises a TypeError naming the first-order sources that do work under FSDP2
+                check_sharded_parameter(p, type(self._optimizer).__name__, self._optimizer.curvature, True)
             # Holding the node keeps it the parameter's accumulator for every later graph
             # (autograd keeps only a weak reference to it), as DDP's reducer does.
             node = torch.autograd.graph.get_gradient_edge(p).node
@@ -526,7 +528,10 @@ class OptimizerSync:
                     rank=rank, theirs=len(e["shapes"]), their_shapes=e["shapes"][:8],
                     mine=len(first["shapes"]), my_shapes=first["shapes"][:8]))
         for rank, e in enumerate(everyone):
-            for index, ((s, a), (s0, a0)) in enumerate(zip(e["checksums"], first["checksums"])):
+            for index, (mine_sums, first_sums) in enumerate(zip(e["checksums"], first["checksums"])):
+                if mine_sums is None or first_sums is None:
+                    continue  # a shard
+                (s, a), (s0, a0) = mine_sums, first_sums
                 # bit-identical values give identical sums on identical hardware; the tolerance only
                 # absorbs summation-order differences between unlike machines
                 if abs(s - s0) > 1e-9 * (a0 + 1e-30) or abs(a - a0) > 1e-9 * (a0 + 1e-30):
@@ -551,6 +556,11 @@ class OptimizerSync:
         The buffer covers every parameter of the optimizer in a fixed order (zeros for those without
         a gradient on this rank), so ranks whose sets of gradients differ still exchange buffers of
         one layout instead of hanging on mismatched sizes.
+
+        Sharded (FSDP2 DTensor) parameters are left out and their estimates returned as they are:
+        they are this rank's chunks, computed from gradients that FSDP's reduce-scatter has already
+        averaged over the ranks (finite differences of averaged gradients; Gauss-Newton-Bartlett
+        from the averaged gradient of the sampled loss), and the other ranks hold other chunks.
         """
         import torch.distributed as dist
 
@@ -558,10 +568,12 @@ class OptimizerSync:
         if world == 1:
             return list(estimates)
         given = {id(p): e for p, e in zip(params, estimates)}
-        every = [p for p in self._params() if p.requires_grad or id(p) in given]
+        every = [p for p in self._params() if (p.requires_grad or id(p) in given) and not _is_dtensor(p)]
+        if not every:
+            return list(estimates)
         full = [given[id(p)] if id(p) in given else torch.zeros_like(p) for p in every]
         summed = dict(zip((id(p) for p in every), all_reduce_sum(full, self.group)))
-        return [summed[id(p)] / world for p in params]
+        return [given[id(p)] if _is_dtensor(p) else summed[id(p)] / world for p in params]
 
     def clear(self) -> None:
         """Forget the kept gradients (after a step, at ``zero_grad``)."""

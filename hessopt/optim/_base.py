@@ -43,6 +43,7 @@ from .._checks import check_betas, check_number, check_positive_int
 from .._patches import capture_cross_entropy, graph_building_backward
 from ..hvp import second_order_safe
 from ._multi_tensor import commit_parameter_updates, curvature_flags, finite_flags, interrupts_held
+from ._sharded import Sharding, check_sharded_parameter, is_dtensor, like, local, sharding_of
 from .curvature import CurvatureInputs, CurvatureSource, make_curvature, needs_graph
 
 __all__ = ["CurvatureOptimizer", "KernelResult", "NonFiniteError", "SecondOrderGraphError"]
@@ -147,11 +148,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise TypeError(f"foreach must be None or a bool, got {type(foreach).__name__}")
         _check_distributed(distributed)
         source = make_curvature(curvature, n_samples, distribution, default=self._default_curvature)
+        self.curvature: CurvatureSource = source  # add_param_group checks sharded parameters against it
         super().__init__(params, defaults)  # validates every group through add_param_group
         self.update_each = update_each
         self.seed = seed
         self.foreach = foreach
-        self.curvature: CurvatureSource = source
         self.nonfinite = nonfinite
         self._generators: Dict[torch.device, torch.Generator] = {}
         self._warned: set = set()
@@ -219,6 +220,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         for p in params:
             _check_parameter(p, type(self).__name__)
+            check_sharded_parameter(p, type(self).__name__, self.curvature, needs_graph(self.curvature))
         super().add_param_group({**param_group, "params": params})
         self._param_index = None
         if getattr(self, "_distributed", None) is not None:  # groups added after construction
@@ -336,22 +338,29 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if not entries or (found_inf is not None and float(found_inf) > 0):
             return  # nothing to do, or an fp16 overflow: GradScaler lowers the scale, nothing here changes
         params = [p for _, p in entries]
+        # FSDP2: the computation runs on the rank-local chunks of the DTensor parameters and gradients
+        sharding = sharding_of(params)
         dist_ctx = self._distributed_context()
         graph_grads = dist_ctx.graph_grads(params) if dist_ctx else [p.grad for p in params]
         if due:
             self._check_curvature_inputs(graph_grads, has_closure, run)
         grad_scale = getattr(self, "grad_scale", None)
         inv_scale = None if grad_scale is None else 1.0 / float(grad_scale)
-        grads = [p.grad.detach() for p in params]
+        grads = [local(p.grad.detach()) for p in params]
         if inv_scale is not None:
             grads = torch._foreach_mul(grads, inv_scale)
         if dist_ctx:
             grads = dist_ctx.average_gradients(grads)
         loss = run.loss if isinstance(run.loss, torch.Tensor) and run.loss.numel() == 1 else None
-        if not all(finite_flags([*grads, loss])):
+        finite = all(finite_flags([*grads, loss]))
+        if sharding is not None:  # one rank's non-finite chunk or loss stops every rank
+            finite = sharding.all_true(finite)
+        if not finite:
             self._skip_nonfinite(loss)
             return
-        curvature = self._estimate(params, graph_grads, inv_scale, dist_ctx, run) if due else None
+        if sharding is not None:
+            graph_grads = [local(g) for g in graph_grads]
+        curvature = self._estimate(params, graph_grads, inv_scale, dist_ctx, run, sharding) if due else None
         results = self._compute_groups(entries, grads, curvature)
         with interrupts_held():
             warn = self._commit(results)
@@ -385,14 +394,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             warnings.warn(f"{message}, and was skipped ({count} skipped so far, opt.skipped_steps). "
                           "Pass nonfinite='raise' to stop at the first one.", RuntimeWarning, stacklevel=4)
 
-    def _estimate(self, params, graph_grads, inv_scale, dist_ctx, run: _ClosureRun) -> List[torch.Tensor]:
-        """The unscaled, rank-averaged curvature estimate per parameter (may hold non-finite values)."""
+    def _estimate(self, params, graph_grads, inv_scale, dist_ctx, run: _ClosureRun,
+                  sharding: Optional[Sharding] = None) -> List[torch.Tensor]:
+        """The unscaled, rank-averaged curvature estimate per parameter (may hold non-finite values;
+        rank-local chunks for sharded parameters)."""
         source = self.curvature
         inputs = CurvatureInputs(
             params=params, grads=graph_grads,
             generators={p.device: self._generator(p.device) for p in params},
             captures=run.captures,
             gradients_again=self._gradients_again(run, params) if run.closure is not None else None,
+            sharding=sharding,
         )
         try:
             with torch.enable_grad():  # step() runs under no_grad; sources differentiate
@@ -424,7 +436,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             try:
                 with torch.enable_grad():
                     run.closure()
-                return [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params]
+                return [torch.zeros_like(local(p)) if p.grad is None else local(p.grad.detach()) for p in params]
             finally:
                 for p, g in zip(params, kept):
                     p.grad = g
@@ -442,9 +454,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             group = entries[indices[0]][0]
             params = [entries[i][1] for i in indices]
             states = [self.state.get(p) or self._fresh_state(p) for p in params]
+            # the kernels see plain tensors: a sharded parameter's and its moments' local chunks
             result = self._compute(
-                group, params, [grads[i] for i in indices],
-                [[s[name] for s in states] for name in self._moment_names],
+                group, [local(p) for p in params], [grads[i] for i in indices],
+                [[local(s[name]) for s in states] for name in self._moment_names],
                 None if curvature is None else [curvature[i] for i in indices],
                 [s["step"] for s in states], [s["curvature_updates"] for s in states],
             )
@@ -453,7 +466,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _commit(self, results):
         """Write the computed step: parameters (all or nothing), then moments and counters (plain assignments)."""
-        moved = [(p, d) for _, params, _, r in results for p, d in zip(params, r.deltas) if d is not None]
+        moved = [(local(p), d) for _, params, _, r in results for p, d in zip(params, r.deltas) if d is not None]
         if moved:
             commit_parameter_updates([p for p, _ in moved], [d for _, d in moved])
         glob = self.state[self._global_key]
@@ -463,7 +476,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for group, params, states, r in results:
             for i, (p, state) in enumerate(zip(params, states)):
                 for name, values in zip(self._moment_names, r.moments):
-                    state[name] = values[i]
+                    state[name] = like(values[i], p)  # a DTensor again for a sharded parameter
                 state["curvature_updates"] += int(r.took_curvature[i])
                 state["step"] += int(r.deltas[i] is not None)
                 state["nonfinite_curvature"] += int(r.nonfinite[i])
@@ -531,9 +544,24 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         as torch does); the optimizer-wide entry (:meth:`global_state_snapshot`) goes into the first
         parameter group under the optimizer's key (``"adahessian"``, ``"sophia"``): in ``state`` its
         string key would break tools that map every state key to a parameter name
-        (``torch.distributed.checkpoint.state_dict``, FSDP)."""
+        (``torch.distributed.checkpoint.state_dict``, FSDP). With sharded (FSDP2) parameters the
+        dict is complete from the start (zero states for parameters not stepped yet, every device's
+        probe generator), since ``torch.distributed.checkpoint.load`` fills only the entries the
+        resuming optimizer's dict already has."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        sharded = any(is_dtensor(p) for p in params)
+        if sharded:  # every device's generator is in the dict (see below)
+            for device in self._devices():
+                self._generator(device)
         state_dict = super().state_dict()
         state_dict["state"].pop(self._global_key, None)
+        if sharded:
+            # torch.distributed.checkpoint loads *into* the state dict of the resuming optimizer, so
+            # a fresh one must already hold every tensor: the state a parameter gets at its first
+            # step (zero moments, zero counters: loading it changes nothing) and every generator.
+            for i, p in enumerate(params):
+                if p.requires_grad and i not in state_dict["state"]:
+                    state_dict["state"][i] = self._fresh_state(p)
         state_dict["param_groups"][0][self._global_key] = self.global_state_snapshot()
         return state_dict
 
