@@ -60,7 +60,8 @@ def test_prune_by_sensitivity_smoke(tmp_path):
     res = _load("prune_by_sensitivity").main([
         "--seeds", "0", "--epochs", "1", "--num-probes", "3", "--sparsities", "0.3", "0.9", "--out", str(tmp_path)])
     pruning = res["models"][0]["pruning"]
-    assert set(pruning) == {"magnitude", "obd", "channel-trace", "avg-trace", "channel-norm", "channel-hessian"}
+    assert set(pruning) == {"magnitude", "obd", "channel-trace", "avg-trace", "channel-norm", "channel-hessian",
+                            "channel-quadratic"}
     assert all(len(r["accuracy"]) == 2 for r in pruning.values())
     # equal sparsity: every unstructured method removes the same number of weights
     assert len({tuple(pruning[m]["params_removed"]) for m in ("magnitude", "obd", "channel-trace", "avg-trace")}) == 1
