@@ -41,12 +41,18 @@ SHARDED_NEEDS_FIRST_ORDER = (
 )
 
 
+_DTENSOR: Any = None
+
+
 def is_dtensor(t: Any) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - older torch
-        return False
-    return isinstance(t, DTensor)
+    """Whether ``t`` is a :class:`torch.distributed.tensor.DTensor` (checked on every step: kept cheap)."""
+    global _DTENSOR
+    if _DTENSOR is None:
+        try:
+            from torch.distributed.tensor import DTensor as _DTENSOR  # noqa: N811
+        except ImportError:  # pragma: no cover - torch without distributed
+            _DTENSOR = ()
+    return isinstance(t, _DTENSOR)
 
 
 def local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -273,6 +273,10 @@ class AdaHessian(CurvatureOptimizer):
             ``docs/distributed.md``); ``True``: the same, and a step without a process group raises;
             a ``torch.distributed.ProcessGroup``: average over that group (pass the group given to
             DDP's ``process_group=``); ``False``: never (independent optimizers per rank).
+            A model sharded with FSDP2's ``fully_shard`` (DTensor parameters) works with
+            ``curvature="gnb"`` or ``"finite_difference"`` (the double-backward sources refuse it):
+            the step runs on each rank's chunks, probes are the 1-process probes' chunks, state is
+            sharded like the parameters (``docs/distributed.md``).
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
