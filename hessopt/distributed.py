@@ -310,7 +310,7 @@ _PARAMS_DIFFER = (
     "the same model, with the same parameter groups in the same order, on every rank."
 )
 _VALUES_DIFFER = (
-    "AdaHessian's parameters differ between rank 0 and rank {rank} at the first step (parameter "
+    "the optimizer's parameters differ between ranks at the first step (parameter "
     "{index}, shape {shape}): the ranks are not training one replicated model. Wrap the model in "
     "DistributedDataParallel (it broadcasts rank 0's parameters when it is built) or initialize it "
     "with the same seed on every rank; to run independent optimizers per rank, pass "
@@ -356,19 +356,6 @@ def _optimizer_state_digest(opt) -> tuple:
         digest.update(name.encode())
         digest.update(bytes(state.cpu().to(torch.uint8).tolist()))  # no numpy: not a dependency
     return (glob.get("step", 0), digest.hexdigest())
-
-
-def _checksums(params: Sequence[torch.Tensor]) -> List[Optional[List[float]]]:
-    """``[sum, sum of |.|]`` of each tensor in float64; one host transfer for all of them. ``None``
-    for a sharded (DTensor) parameter: each rank holds its own chunk, there is nothing to compare."""
-    plain = [p for p in params if not _is_dtensor(p)]
-    if not plain:
-        return [None] * len(params)
-    device = plain[0].device
-    sums = iter(torch.stack(
-        [torch.stack([p.detach().double().sum(), p.detach().double().abs().sum()]).to(device) for p in plain]
-    ).cpu().tolist())
-    return [None if _is_dtensor(p) else next(sums) for p in params]
 
 
 class OptimizerSync:
@@ -507,7 +494,6 @@ class OptimizerSync:
             "curvature": repr(opt.curvature),
             "state": _optimizer_state_digest(opt),
             "shapes": [tuple(p.shape) for p in params],
-            "checksums": _checksums(params),
         }
         everyone: List[Any] = [None] * world
         dist.all_gather_object(everyone, mine, group=self.group)
@@ -527,15 +513,12 @@ class OptimizerSync:
                 raise ValueError(_PARAMS_DIFFER.format(
                     rank=rank, theirs=len(e["shapes"]), their_shapes=e["shapes"][:8],
                     mine=len(first["shapes"]), my_shapes=first["shapes"][:8]))
-        for rank, e in enumerate(everyone):
-            for index, (mine_sums, first_sums) in enumerate(zip(e["checksums"], first["checksums"])):
-                if mine_sums is None or first_sums is None:
-                    continue  # a shard
-                (s, a), (s0, a0) = mine_sums, first_sums
-                # bit-identical values give identical sums on identical hardware; the tolerance only
-                # absorbs summation-order differences between unlike machines
-                if abs(s - s0) > 1e-9 * (a0 + 1e-30) or abs(a - a0) > 1e-9 * (a0 + 1e-30):
-                    raise ValueError(_VALUES_DIFFER.format(rank=rank, index=index, shape=first["shapes"][index]))
+        # the one rank-agreement check of the package (a shard holds its own chunk: nothing to compare)
+        plain = [i for i, p in enumerate(params) if not _is_dtensor(p)]
+        differ = ranks_disagree_on([params[i].detach() for i in plain], self.group)
+        if differ:
+            index = plain[differ[0]]
+            raise ValueError(_VALUES_DIFFER.format(index=index, shape=tuple(params[index].shape)))
         self._checked = True  # only once passed: after an error, the next step checks again
 
     def graph_grads(self, params: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:

@@ -129,7 +129,7 @@ BAD_INPUT = {
     "update_each": (ValueError, r"different update_each on different ranks \(\[1, 2\]\)"),
     "param_lists": (ValueError, r"different parameter lists on different ranks"),
     "optimizer_state": (ValueError, r"AdaHessian's state differs between ranks \(step counts \[1, 0\]"),
-    "param_values": (ValueError, r"parameters differ between rank 0 and rank 1 at the first step"),
+    "param_values": (ValueError, r"parameters differ between ranks at the first step \(parameter 0"),
     "operator_probes": (ValueError, r"multiplied this distributed HessianOperator by different vectors"),
     "fsdp2": (TypeError, r"sharded DTensor parameter \(FSDP2's fully_shard"),
     # rank 1: its own NonFiniteCurvatureError; rank 0: a DistributedOperatorError quoting rank 1's
