@@ -34,7 +34,7 @@ classes and are kept), global ranking over both layers, sparsity = fraction of t
   zeroing the channel alone, ``-g_c^T W_c + 0.5 W_c^T H_cc W_c`` (one Hessian-vector product per
   channel, 48 in all: the whole channel block instead of its average trace).
 
-Run (CPU, one thread, about a minute):
+Run (CPU, one thread; a few minutes per seed on a busy 2-core machine, seeds can run in parallel and be --merge'd):
     python recipes/analysis/prune_by_sensitivity.py --out recipes/analysis/results/prune
 Smoke test:  ... --seeds 0 --epochs 1 --num-probes 4 --sparsities 0.5 --no-plots
 """
