@@ -22,13 +22,16 @@ from __future__ import annotations
 import contextlib
 import inspect
 import threading
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ThreadLocalPatch", "replacing", "all_active", "BACKWARD", "graph_building_backward", "capture_cross_entropy"]
+from . import _attention, _batchnorm, _conv, _relu, _weight_norm
+
+__all__ = ["ThreadLocalPatch", "replacing", "all_active", "fast_paths", "second_order_safe", "forward_mode_safe",
+           "BACKWARD", "graph_building_backward", "capture_cross_entropy"]
 
 _LOCK = threading.Lock()
 
@@ -93,6 +96,140 @@ def all_active(patches, payload: Any = None) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         for patch in patches:
             stack.enter_context(patch.active(payload))
+        yield
+
+
+# -- second_order_safe / forward_mode_safe: the torch.nn.functional routes and function modes ---------
+
+#: fast paths behind :func:`second_order_safe` that can be switched off (for comparisons and as an
+#: escape hatch); attention routing is not optional: without it fused attention has no HVP at all
+_FAST_PATHS = {"batchnorm": True, "conv": True, "relu": True}
+
+
+@contextlib.contextmanager
+def fast_paths(
+    batchnorm: Optional[bool] = None, conv: Optional[bool] = None, relu: Optional[bool] = None
+) -> Iterator[None]:
+    """Switch hessopt's optional fast paths on or off inside the block (process-wide).
+
+    All are on by default; each gives exactly PyTorch's derivatives, faster: ``batchnorm``
+    (:mod:`hessopt._batchnorm`: closed-form double backward), ``conv`` (:mod:`hessopt._conv`:
+    double backward from PyTorch's own convolution kernels, no transposed copies), ``relu``
+    (:mod:`hessopt._relu`: no zero cotangents sent through the network). ``None`` leaves a setting
+    as it is. Example: ``with hessopt.hvp.fast_paths(batchnorm=False):`` gives PyTorch's own
+    BatchNorm double backward.
+    """
+    saved = dict(_FAST_PATHS)
+    for name, value in (("batchnorm", batchnorm), ("conv", conv), ("relu", relu)):
+        if value is not None:
+            _FAST_PATHS[name] = bool(value)
+    try:
+        yield
+    finally:
+        _FAST_PATHS.update(saved)
+
+
+def _routed(path: str, fast: Callable, original: Callable) -> Callable:
+    """``fast`` while the fast path ``path`` is on, else ``original`` (decided at call time)."""
+
+    def call(*args, **kwargs):
+        return (fast if _FAST_PATHS[path] else original)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = getattr(original, "__name__", path)
+    call.__doc__ = f"``{call.__name__}`` inside hessopt.second_order_safe() (fast path {path!r})."
+    return call
+
+
+# func -> (fast-path name or None for always, replacement): what the TorchFunctionMode routes
+_ROUTES = {
+    _attention.ORIGINAL_SDPA: (None, _attention.sdpa_twice_differentiable),
+    # a correctness route, not a fast path: torch's fused weight norm has a wrong double backward
+    _weight_norm.ORIGINAL_WEIGHT_NORM: (None, _weight_norm.weight_norm),
+    _batchnorm.ORIGINAL_F_BATCH_NORM: ("batchnorm", _batchnorm.batch_norm),
+    _batchnorm.ORIGINAL_TORCH_BATCH_NORM: ("batchnorm", _batchnorm.torch_batch_norm),
+    _relu.ORIGINALS["F.relu"]: ("relu", _relu.relu),
+    _relu.ORIGINALS["torch.relu"]: ("relu", _relu.relu),
+    _relu.ORIGINALS["torch.relu_"]: ("relu", _relu.relu_),
+    _relu.ORIGINALS["Tensor.relu"]: ("relu", _relu.relu),
+    _relu.ORIGINALS["Tensor.relu_"]: ("relu", _relu.relu_),
+}
+_ROUTES.update({original: ("conv", _conv.conv(n)) for n, original in _conv.ORIGINAL_CONV.items()})
+
+# module attributes of torch.nn.functional replaced inside the block (looked up at call time by
+# nn.BatchNorm*, nn.Conv*d, nn.ReLU, nn.MultiheadAttention and most libraries)
+_F_PATCHES = {
+    "scaled_dot_product_attention": (_attention.ORIGINAL_SDPA, _attention.sdpa_twice_differentiable),
+    "batch_norm": (_batchnorm.ORIGINAL_F_BATCH_NORM,
+                   _routed("batchnorm", _batchnorm.batch_norm, _batchnorm.ORIGINAL_F_BATCH_NORM)),
+    "relu": (_relu.ORIGINALS["F.relu"], _routed("relu", _relu.relu, _relu.ORIGINALS["F.relu"])),
+}
+_F_PATCHES.update({
+    f"conv{n}d": (original, _routed("conv", _ROUTES[original][1], original))
+    for n, original in _conv.ORIGINAL_CONV.items()
+})
+
+
+class _SecondOrderMode(TorchFunctionMode):
+    """Routes direct calls of the intercepted functions, however they were imported."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        route = _ROUTES.get(func)
+        if route is not None and (route[0] is None or _FAST_PATHS[route[0]]):
+            return route[1](*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+class _ForwardModeMode(TorchFunctionMode):
+    """Routes the functions that have no forward-mode derivative to written-out forms."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is _weight_norm.ORIGINAL_WEIGHT_NORM:
+            return _weight_norm.weight_norm(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def forward_mode_safe() -> Iterator[None]:
+    """The forward-mode counterpart of :func:`second_order_safe` (``torch.func.jvp`` paths: the
+    forward-over-reverse HVP, the GGN's Jacobian-vector products): attention runs PyTorch's
+    composite math kernel (the fused kernels have no forward-mode derivative) and
+    ``torch._weight_norm`` runs written out (it has none either: "Trying to use forward AD with
+    _weight_norm_interface")."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]), _ForwardModeMode():
+        yield
+
+
+# module attributes of torch.nn.functional, replaced for this thread inside second_order_safe()
+_F_ROUTES = [replacing(F, name, patched) for name, (_, patched) in _F_PATCHES.items()]
+
+
+@contextlib.contextmanager
+def second_order_safe() -> Iterator[None]:
+    """Make scaled-dot-product attention twice differentiable inside the ``with`` block.
+
+    Forward passes run inside the block record an attention node whose first-order backward is the
+    fused kernel's and whose graph-building backward (``create_graph=True``) is the composite math
+    formulation, so HVPs through ``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``,
+    ``nn.TransformerEncoderLayer`` and timm ViTs work. Calls are intercepted both through the
+    module attribute ``torch.nn.functional.scaled_dot_product_attention`` (which ``nn.MultiheadAttention``
+    and most libraries look up at call time) and through a ``TorchFunctionMode`` (for code that
+    imported the function directly). Attention with ``dropout_p > 0`` runs in the math formulation.
+    ``torch._weight_norm`` (behind ``torch.nn.utils.parametrizations.weight_norm``) runs written
+    out, ``v * g / ||v||``: PyTorch's fused kernel has a wrong double backward on CPU.
+    ``F.batch_norm``, ``F.conv1d/2d/3d`` and ``F.relu`` (and their ``torch.*`` spellings) take the
+    fast paths of the module docstring: same values and derivatives, faster double backward.
+    Re-entrant and per thread: the module attributes are replaced (this module's thread-local mechanism) while
+    any thread is inside the block, and act only for the threads inside it.
+
+    Example:
+        >>> with hessopt.second_order_safe():
+        ...     loss = criterion(transformer(x), y)
+        ...     grads = torch.autograd.grad(loss, params, create_graph=True)
+        >>> hv = hessopt.hvp_from_grads(grads, params, vectors)
+    """
+    with all_active(_F_ROUTES), _SecondOrderMode():
         yield
 
 
