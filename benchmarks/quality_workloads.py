@@ -222,11 +222,11 @@ def _vision_workload(data_root: Path, device: torch.device, quick: bool, steps: 
 #: full and quick sizes (chosen from a timing probe on 2 shared CPU cores; benchmarks/README.md)
 SIZES = {
     "gpt_multi30k_char": dict(
-        full=dict(steps=150, eval_every=15, n_layers=2, d_model=64, n_heads=4, seq_len=64, batch=16, val_windows=128),
+        full=dict(steps=100, eval_every=10, n_layers=2, d_model=64, n_heads=4, seq_len=64, batch=8, val_windows=64),
         quick=dict(steps=8, eval_every=4, n_layers=1, d_model=32, n_heads=2, seq_len=16, batch=4, val_windows=8),
     ),
     "cifar10_resnet": dict(
-        full=dict(steps=64, eval_every=16, depth=8, n_train=2048, n_test=500, batch=32),
+        full=dict(steps=64, eval_every=16, depth=8, n_train=1024, n_test=500, batch=16),
         quick=dict(steps=8, eval_every=4, depth=8, n_train=128, n_test=64, batch=16),
     ),
 }

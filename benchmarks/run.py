@@ -169,6 +169,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if args.report_only:
+        if any(f.startswith("quality_runs_") for f in os.listdir(args.out)):
+            from benchmarks.suite_quality import rebuild  # quality summaries again from the runs files
+
+            rebuild(args.out, environment(torch.device("cpu")))
         records = write_report(args.out)
         log(f"wrote {os.path.join(args.out, 'all.json')} ({len(records)} records) and "
             f"{os.path.join(args.out, 'results.md')}")

@@ -532,7 +532,7 @@ def run_suite(args, env, records, flush):
             now = {r["optimizer"] for r in summary}
             kept = ([r for r in on_disk if r["workload"] == wl.name and r["optimizer"] not in now]
                     if args.quality_append else [])
-            others = [r for r in on_disk + records if r["workload"] != wl.name]
+            others = [r for r in records + on_disk if r["workload"] != wl.name]  # on disk is newer: it wins
             uniq = {(r["workload"], r["optimizer"], r.get("target")): r for r in others}
             records[:] = list(uniq.values()) + summary + kept
             wl_meta = dict(name=wl.name, metric=wl.metric, config=wl.config, hvp_cost=cost["hvp_cost"],
@@ -615,3 +615,47 @@ def _machine() -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} logical CPUs"
+
+
+def rebuild(out: str, env) -> List[Dict[str, Any]]:
+    """Summaries, ``quality.json``, ``quality.md`` and plots again from the runs files in ``out``
+    (``run.py --report-only``): e.g. after combining the folders of two invocations."""
+    import glob
+
+    meta = {"workloads": _read_list(os.path.join(out, "quality_meta.json"), key="workloads")}
+    meta.update(command=env["command"], date=env["date"], machine=_machine(), torch=env["torch"])
+    old = _read_list(os.path.join(out, "quality.json"))
+    records: List[Dict[str, Any]] = []
+    for path in sorted(glob.glob(os.path.join(out, "quality_runs_*.json"))):
+        runs = _read_list(path)
+        if not runs:
+            continue
+        name = runs[0]["workload"]
+        quick = name.endswith("_quick")
+        wl_meta = next((m for m in meta["workloads"] if m["name"] == name), {})
+        wl = get_quality_workloads(quick, [name], data_root=None, overrides=None,
+                                   device=torch.device("cpu"))[0] if wl_meta.get("config") is None else _Shell(name, wl_meta)
+        ran = {r["optimizer"] for r in runs}
+        specs = [q for q in quality_specs() if q.name in ran]
+        grids = {q.name: lr_grid(q.centers[wl.kind], quick) for q in specs}
+        run_env = dict(env, command=wl_meta.get("command", env["command"]), date=wl_meta.get("date", env["date"]))
+        summary = summarize(wl, specs, runs, run_env, grids)
+        first = next((r for r in old if r["workload"] == name and r.get("hvp_cost")), None)
+        for rec in summary:
+            rec["hvp_cost"] = first["hvp_cost"] if first else {"hvp_cost": wl_meta.get("hvp_cost")}
+            rec["status"] = wl_meta.get("status")
+        records += summary + [r for r in old if r["workload"] == name and r["optimizer"] not in ran]
+        plot(records, runs, out, name, wl.metric)
+    _write(os.path.join(out, "quality.json"), records)
+    with open(os.path.join(out, "quality.md"), "w") as f:
+        f.write(render_markdown(records, meta))
+    return records
+
+
+class _Shell:
+    """What :func:`summarize` needs of a workload, from its recorded metadata (no data loaded)."""
+
+    def __init__(self, name: str, meta: Dict[str, Any]):
+        self.name, self.metric, self.config = name, meta["metric"], meta["config"]
+        self.higher_is_better = self.metric == "test_acc"
+        self.kind = "vision" if name.startswith("cifar") else "lm"

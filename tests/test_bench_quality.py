@@ -149,3 +149,17 @@ def test_flat_muon_steps_conv_weights_like_muon_on_the_flattened_matrix():
         opt2.step()
     assert w4.shape == (8, 3, 3, 3) and w4.grad.shape == (8, 3, 3, 3)
     torch.testing.assert_close(w4.detach().reshape(8, -1), w2.detach())
+
+
+@needs_multi30k
+def test_report_only_rebuilds_the_same_summaries_from_the_runs_files(quick_run):
+    before = {(r["workload"], r["optimizer"], r["target"]): r for r in _load(quick_run / "quality.json")}
+    (quick_run / "quality.md").unlink()
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--report-only", "--out", str(quick_run)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = {(r["workload"], r["optimizer"], r["target"]): r for r in _load(quick_run / "quality.json")}
+    assert set(after) == set(before) and (quick_run / "quality.md").is_file()
+    for key, rec in after.items():
+        for field in ("best_lr", "final_metric", "time_to_target_s", "steps_to_target", "time_to_target_ratio", "error"):
+            assert rec[field] == before[key][field], (key, field)
