@@ -407,17 +407,19 @@ def plot(records: List[Dict[str, Any]], runs: List[Dict[str, Any]], out: str, wl
         return None
     recs = [r for r in records if r["workload"] == wl_name and r.get("target") == "adamw" and r.get("mean_curve")]
     fig, axes = plt.subplots(1, 4, figsize=(22, 5))
-    for r in recs:
+    colors = plt.get_cmap("tab20").colors  # 12 contenders: tab10 would repeat colours
+    for n, r in enumerate(recs):
         c = [p for p in r["mean_curve"] if p["metric"] is not None]
         if not c:
             continue
         label = f"{r['optimizer']} (lr {r['best_lr']:g})"
+        style = dict(color=colors[(2 * n) % 20 if n < 10 else (2 * n + 1) % 20], ls="-" if n < 10 else "--")
         for ax, key in zip(axes[:3], ("step", "time_s", "grad_equiv")):
-            ax.plot([p[key] for p in c], [p["metric"] for p in c], label=label, marker=".")
+            ax.plot([p[key] for p in c], [p["metric"] for p in c], label=label, marker=".", **style)
         sweep = r.get("sweep_final_metric") or {}
         xs = [float(k) for k, v in sweep.items() if v is not None]
         ys = [v for v in sweep.values() if v is not None]
-        axes[3].plot(xs, ys, marker="o", label=r["optimizer"])
+        axes[3].plot(xs, ys, marker="o", label=r["optimizer"], **style)
     tv = recs[0]["target_metric"] if recs else None
     for ax, xl in zip(axes, ("steps", "training seconds (interleaved, this machine)", "gradient-equivalents",
                              "learning rate (sweep, seed 0)")):
