@@ -28,7 +28,9 @@ Every contender is driven the way its own documentation says:
 
 Schedule (the same family for every contender): the learning rate of every parameter group is its
 base value times ``warmup_cosine(step)``: linear warm-up over the first 10% of the steps, then a
-cosine decay to 0 at the last step. No gradient clipping for anyone.
+cosine decay to 0 at the last step. No gradient clipping by default; ``--quality-grad-clip C``
+clips the gradient norm to ``C`` for every contender (after ``backward()``, inside the closure for
+hessopt; peers that need ``create_graph=True`` gradients are left unclipped).
 
 Learning-rate grid: ``center * 2**k`` for ``k`` in ``-2..2`` (5 log-spaced points, a factor of 16,
 around each method's usual learning rate); ``--quick`` uses ``k`` in ``{-1, 0}``. Decoupled weight
@@ -328,8 +330,8 @@ def quality_specs() -> List[QSpec]:
 class Driver:
     """Runs training steps of one contender: schedule, the documented drive, cost accounting."""
 
-    def __init__(self, spec: QSpec, model: nn.Module, lr: float, wl, hvp_cost: float):
-        self.spec, self.model, self.wl = spec, model, wl
+    def __init__(self, spec: QSpec, model: nn.Module, lr: float, wl, hvp_cost: float, grad_clip: Optional[float] = None):
+        self.spec, self.model, self.wl, self.grad_clip = spec, model, wl, grad_clip
         self.opts = spec.build(model, lr, wl)
         for o in self.opts:
             for g in o.param_groups:
@@ -340,6 +342,10 @@ class Driver:
             self.curv_cost = 1.0  # its own forward + backward with sampled labels
         self.step_index = 0
         self.grad_equiv = 0.0
+
+    def _clip(self) -> None:
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
 
     def _is_curvature_step(self, i: int) -> bool:
         if self.spec.curvature is None:
@@ -366,6 +372,7 @@ class Driver:
                 opt.zero_grad()
                 loss = loss_fn(model(x), y)
                 loss.backward()
+                self._clip()
                 return loss
 
             loss = opt.step(closure)
@@ -381,6 +388,8 @@ class Driver:
                 loss.backward(create_graph=(i % self.spec.update_each == 0))
             else:
                 raise ValueError(f"unknown drive {drive!r}")
+            if drive in ("first_order", "sophiag_official"):  # a create_graph gradient is left alone
+                self._clip()
             if drive == "sophiag_official":
                 self.opts[0].step(bs=self.wl.predictions_per_batch)
             else:

@@ -101,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--quality-max-minutes", type=float, default=None,
                    help="per workload: start no sweep point / seed group that would end past this budget (the "
                         "summaries say where it stopped); default: no limit")
+    g.add_argument("--quality-grad-clip", type=float, default=None,
+                   help="clip every contender's gradient norm to this value (default: no clipping)")
     g.add_argument("--quality-append", action="store_true",
                    help="keep the runs already in OUT/quality_runs.json (other contenders; e.g. a second pass for "
                         "contenders that landed later) and summarize everything together")

@@ -85,7 +85,8 @@ def _loadavg() -> Optional[List[float]]:
         return None
 
 
-def run_group(wl: QualityWorkload, entries, device: torch.device, hvp_cost: float, label: str) -> List[Dict[str, Any]]:
+def run_group(wl: QualityWorkload, entries, device: torch.device, hvp_cost: float, label: str,
+              grad_clip: Optional[float] = None) -> List[Dict[str, Any]]:
     """Train ``entries`` (``(spec, lr, seed, phase)``) interleaved, step by step; returns run records."""
     clock = Clock(device)
     runs: List[Dict[str, Any]] = []
@@ -102,7 +103,8 @@ def run_group(wl: QualityWorkload, entries, device: torch.device, hvp_cost: floa
             model = wl.build(seed)
             if seed not in init_metric:
                 init_metric[seed] = wl.evaluate(model)  # same seed, same initial weights for every contender
-            driver = Driver(spec, model, lr, wl, hvp_cost)
+            driver = Driver(spec, model, lr, wl, hvp_cost, grad_clip=grad_clip)
+            run["grad_clip"] = grad_clip
         except Exception as err:  # noqa: BLE001 - a contender that cannot be built is a result
             run["error"] = format_error(err)
             log(f"{label}{spec.name} lr={lr:g}: setup FAILED: {run['error']}")
@@ -473,7 +475,8 @@ def run_suite(args, env, records, flush):
     meta = dict(command=env["command"], date=env["date"], machine=_machine(), torch=env["torch"],
                 threads=torch.get_num_threads(), workloads=[], protocol=dict(
                     grid="center * 2**k, k in " + ("-1..0" if quick else "-2..2"), seeds=n_seeds,
-                    schedule=f"linear warm-up {WARMUP_FRACTION:.0%} of the steps, cosine to 0", gradient_clipping=None,
+                    schedule=f"linear warm-up {WARMUP_FRACTION:.0%} of the steps, cosine to 0",
+                    gradient_clipping=args.quality_grad_clip,
                     interleaved="one step of each contender in turn, order rotated every step; each step timed alone"))
     meta_path = os.path.join(args.out, "quality_meta.json")
     for wl in workloads:
@@ -523,6 +526,7 @@ def run_suite(args, env, records, flush):
             for rec in summary:
                 rec["hvp_cost"] = cost
                 rec["status"] = status
+                rec["grad_clip"] = args.quality_grad_clip
             for q, why in skipped:
                 rec = base_record(env, "quality", wl.name, "optimizer", q.name)
                 rec.update(target=None, best_lr=None, seeds=[], final_metric=None, time_to_target_s=None,
@@ -573,7 +577,8 @@ def run_suite(args, env, records, flush):
                 break
             t_g = time.perf_counter()
             entries = [(q, grids[q.name][j], 0, "sweep") for q in specs]
-            wl_runs += run_group(wl, entries, device, cost["hvp_cost"], f"[{wl.name} sweep {j + 1}/{n_points}] ")
+            wl_runs += run_group(wl, entries, device, cost["hvp_cost"], f"[{wl.name} sweep {j + 1}/{n_points}] ",
+                                grad_clip=args.quality_grad_clip)
             durations.append(time.perf_counter() - t_g)
             publish(wl_runs, "sweep in progress" if j + 1 < n_points else "sweep done")
         best = {q.name: _best_lr([r for r in wl_runs if r["optimizer"] == q.name], wl.higher_is_better) for q in specs}
@@ -587,7 +592,8 @@ def run_suite(args, env, records, flush):
             entries = [(q, best[q.name], seed, "seed") for q in specs if best[q.name] is not None]
             if entries:
                 t_g = time.perf_counter()
-                wl_runs += run_group(wl, entries, device, cost["hvp_cost"], f"[{wl.name} seed {seed}] ")
+                wl_runs += run_group(wl, entries, device, cost["hvp_cost"], f"[{wl.name} seed {seed}] ",
+                                    grad_clip=args.quality_grad_clip)
                 durations.append(time.perf_counter() - t_g)
                 publish(wl_runs, "seeds in progress")
         publish(wl_runs, status)
