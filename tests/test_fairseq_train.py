@@ -127,7 +127,7 @@ def test_half_precision_wrappers_really_lose_the_graph(tmp_path, monkeypatch, fl
     from hessopt.integrations.fairseq import optimizer as plugin
 
     monkeypatch.setattr(plugin, "check_fairseq_options", lambda cfg: None)
-    with pytest.raises(hessopt.SecondOrderGraphError, match="without it"):
+    with pytest.raises(hessopt.SecondOrderGraphError, match="without create_graph=True"):
         fairseq_train(DUMMY_MT + TINY_MODEL + ADAHESSIAN + COMMON + flags + ["--max-update", "2", "--save-dir", tmp_path])
 
 

@@ -100,7 +100,7 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess by th
     raise ImportError(_MISSING_FAIRSEQ) from err
 
 from ...hvp import second_order_safe
-from ...optim import AdaHessian, Hutchinson
+from ...optim import AdaHessian, CurvatureSource, Hutchinson
 
 __all__ = ["FairseqAdaHessian", "FairseqAdaHessianConfig", "UnsupportedFairseqOption"]
 
@@ -200,7 +200,7 @@ def check_fairseq_options(cfg) -> None:
             "Use --ddp-backend c10d")
 
 
-class _ScaledCurvature:
+class _ScaledCurvature(CurvatureSource):
     """A curvature source times a factor: fairseq's ``multiply_grads`` factors, applied to ``z * Hz``.
 
     fairseq divides the summed-loss gradient by the sample size in ``p.grad.data``, which leaves
@@ -209,6 +209,7 @@ class _ScaledCurvature:
     """
 
     needs_graph = True
+    scaled_by_loss_scale = True
 
     def __init__(self, source):
         self.source = source
@@ -217,8 +218,8 @@ class _ScaledCurvature:
     def __repr__(self) -> str:
         return f"_ScaledCurvature({self.source!r})"
 
-    def __call__(self, params, grads, generators):
-        raw = self.source(params, grads, generators)
+    def estimate(self, inputs):
+        raw = self.source.estimate(inputs)
         scale = self.scale
         if not torch.is_tensor(scale):
             return raw if scale == 1.0 else [r * scale for r in raw]
