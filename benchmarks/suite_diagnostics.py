@@ -27,8 +27,8 @@ Measured, each on a fresh float32 operator whose products are timed (CUDA-synchr
   seconds and everything else (the operator is wrapped to time its matvecs);
 * the cost of one HVP (fresh graph / cached graph) relative to one gradient on the same batch.
 
-The markdown report puts these beside the PyHessian and hessian-eigenthings figures quoted from
-../shared/FIELD_NOTES.md (measured there on an H100 on the same kind of model and batch).
+The markdown report puts these beside the PyHessian and hessian-eigenthings figures that the hessopt
+authors measured with those tools' own code on an H100, on the same kind of model and batch.
 """
 from __future__ import annotations
 

@@ -37,12 +37,6 @@ def check_number(name: str, value: Any, *, low: float = 0.0, high: Optional[floa
         raise ValueError(f"{name} must be in [{low:g}, {high:g}{')' if open_high else ']'}, got {value!r}")
 
 
-def check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def check_betas(betas: Any) -> None:
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")

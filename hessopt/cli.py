@@ -49,7 +49,7 @@ import traceback
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 __all__ = ["main", "build_parser", "analyze", "CLIError", "resolve_callable", "LOSSES"]
 

@@ -57,8 +57,6 @@ def to_plain(value: Any) -> Any:
     return value
 
 
-_plain = to_plain  # the name hessopt.analysis._common imports
-
 
 def dataclass_dict(obj: Any) -> Dict[str, Any]:
     """A result dataclass's fields as plain values (:func:`to_plain`): what every ``to_dict`` returns.

@@ -136,7 +136,7 @@ def test_gradient_concentration_on_a_model_matches_dense():
     expected = float(((evecs[:, -3:].T @ g) ** 2).sum() / (g @ g))
     r = gradient_concentration(op, k=3, tol=1e-10)
     assert r.fraction == pytest.approx(expected, rel=1e-8)
-    assert r.grad_norm == pytest.approx(float(g.norm()), rel=1e-10)
+    assert r.gradient_norm == pytest.approx(float(g.norm()), rel=1e-10)
 
 
 @pytest.mark.parametrize("seed", [4, 13, 17])

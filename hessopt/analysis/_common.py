@@ -1,14 +1,13 @@
-"""Small shared helpers of the analysis package (validation of bases, JSON conversion)."""
+"""Small shared helpers of the analysis package (validation of bases)."""
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Dict
+from typing import Any
 
 import torch
 
-from ..results import EigenResult, _plain
+from ..results import EigenResult
 
-__all__ = ["as_basis", "check_orthonormal", "plain_dict"]
+__all__ = ["as_basis", "check_orthonormal"]
 
 
 def as_basis(vectors: Any, name: str = "V") -> torch.Tensor:
@@ -42,20 +41,3 @@ def check_orthonormal(V: torch.Tensor, name: str, tol: float) -> None:
         )
 
 
-def plain_dict(obj: Any) -> Dict[str, Any]:
-    """A dataclass as plain Python values, recursing into nested dataclasses that have ``to_dict``."""
-    out: Dict[str, Any] = {}
-    skip = getattr(obj, "_skip_in_dict", ())
-    for f in dataclasses.fields(obj):
-        if f.name in skip:
-            continue
-        value = getattr(obj, f.name)
-        if hasattr(value, "to_dict") and dataclasses.is_dataclass(value):
-            out[f.name] = value.to_dict()
-        elif isinstance(value, (list, tuple)) and value and all(hasattr(v, "to_dict") for v in value):
-            out[f.name] = [v.to_dict() for v in value]
-        elif isinstance(value, torch.Size):
-            out[f.name] = list(value)
-        else:
-            out[f.name] = _plain(value)
-    return out

@@ -28,10 +28,11 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from .._checks import check_positive_int
 from ..probes import GeneratorLike
-from ..results import EigenResult
+from ..results import EigenResult, dataclass_dict
 from ..spectrum.eigen import _top_eigenvalues
-from ._common import as_basis, check_orthonormal, plain_dict
+from ._common import as_basis, check_orthonormal
 
 __all__ = ["GradientConcentration", "gradient_concentration"]
 
@@ -44,7 +45,7 @@ class GradientConcentration:
         fraction: :math:`\\|V_k^T g\\|^2 / \\|g\\|^2`.
         per_direction: ``(k,)`` float64, :math:`(v_i^T g)^2 / \\|g\\|^2` (they sum to ``fraction``).
         k: number of eigenvectors used.
-        grad_norm: :math:`\\|g\\|`.
+        gradient_norm: :math:`\\|g\\|`.
         eigenvalues: ``(k,)`` float64 eigenvalues of the directions, when known, else ``None``.
         chance: ``k / n``, the expected fraction for a random gradient direction.
         error_bound: a bound on ``|fraction - true fraction|`` from the eigenvectors' Davis-Kahan
@@ -55,13 +56,13 @@ class GradientConcentration:
     fraction: float
     per_direction: torch.Tensor
     k: int
-    grad_norm: float
+    gradient_norm: float
     eigenvalues: Optional[torch.Tensor]
     chance: float
     error_bound: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
-        return plain_dict(self)
+        return dataclass_dict(self)
 
 
 def gradient_concentration(
@@ -71,7 +72,7 @@ def gradient_concentration(
     eigenvectors: Any = None,
     tol: float = 1e-3,
     max_matvecs: Optional[int] = None,
-    generator: GeneratorLike = 0,
+    generator: GeneratorLike = None,
     orthonormal_tol: float = 1e-3,
 ) -> GradientConcentration:
     r"""Fraction of ``||g||^2`` in the top-``k`` Hessian eigenspace: ``||V_k^T g||^2 / ||g||^2``.
@@ -95,8 +96,7 @@ def gradient_concentration(
         >>> op = hessopt.HessianOperator(model, nn.CrossEntropyLoss(), (x, y))
         >>> gradient_concentration(op, k=10).fraction   # near 1 early in training without BN
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    check_positive_int("k", k)
     if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol > 0):
         raise ValueError(f"tol must be a positive number, got {tol!r}")
     eigenvalues, bound, computed = None, None, eigenvectors is None
@@ -134,7 +134,7 @@ def gradient_concentration(
         fraction=min(float(per.sum()), 1.0),
         per_direction=per,
         k=V.shape[1],
-        grad_norm=norm2**0.5,
+        gradient_norm=norm2**0.5,
         eigenvalues=None if eigenvalues is None else eigenvalues.cpu(),
         chance=V.shape[1] / V.shape[0],
         error_bound=None if bound is None else float(bound),

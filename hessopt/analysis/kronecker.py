@@ -74,6 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..results import dataclass_dict
 from .._checks import check_positive_int
 from ..operators import (
     HessianOperator,
@@ -85,7 +86,7 @@ from ..operators import (
 )
 from ..probes import GeneratorLike
 from ..spectrum import top_eigenvalues
-from ._common import plain_dict
+
 from .overlap import eigenspace_overlap
 
 __all__ = ["KroneckerFactors", "kronecker_factors"]
@@ -132,7 +133,7 @@ class KroneckerFactors:
     _skip_in_dict = ("output_factor", "input_factor", "eigenvectors", "exact_eigenvectors", "ggn")
 
     def to_dict(self) -> Dict[str, Any]:
-        return plain_dict(self)
+        return dataclass_dict(self)
 
     def matrix(self) -> torch.Tensor:
         """The dense ``S (x) A`` (float64; ``n x n`` with ``n = weight.numel()``: small layers only)."""

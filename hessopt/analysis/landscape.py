@@ -32,7 +32,7 @@ from .._checks import check_positive_int
 from ..operators import HessianOperator, _select_params, flatten, unflatten
 from ..probes import GeneratorLike, make_generator
 from ..spectrum import top_eigenvalues
-from ._common import plain_dict
+from ..results import dataclass_dict
 
 __all__ = ["Landscape", "loss_landscape", "random_directions"]
 
@@ -65,7 +65,7 @@ class Landscape:
         return 1 if self.betas is None else 2
 
     def to_dict(self) -> Dict[str, Any]:
-        return plain_dict(self)
+        return dataclass_dict(self)
 
 
 def random_directions(

@@ -21,7 +21,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._common import as_basis, plain_dict
+from ..results import dataclass_dict
+from ._common import as_basis
 
 __all__ = ["LowRankStructure", "low_rank_structure", "eigenvector_structures"]
 
@@ -45,7 +46,7 @@ class LowRankStructure:
     name: str = ""
 
     def to_dict(self) -> Dict[str, Any]:
-        return plain_dict(self)
+        return dataclass_dict(self)
 
 
 def _matrix_shape(shape: Sequence[int]) -> Tuple[int, int]:

@@ -25,7 +25,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ._common import as_basis, check_orthonormal, plain_dict
+from ..results import dataclass_dict
+from ._common import as_basis, check_orthonormal
 
 __all__ = ["eigenspace_overlap", "layerwise_overlap", "LayerwiseOverlap"]
 
@@ -89,7 +90,7 @@ class LayerwiseOverlap:
     chance: Tuple[float, ...]
 
     def to_dict(self) -> Dict[str, Any]:
-        return plain_dict(self)
+        return dataclass_dict(self)
 
     def __getitem__(self, name: str) -> float:
         try:

@@ -76,11 +76,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ..results import dataclass_dict
 from .._progress import progress_bar
 from ..estimators import diagonal
 from ..operators import CurvatureOperator, as_operator
 from ..probes import GeneratorLike, _check_distribution, generator_for, probe
-from ._common import plain_dict
+
 from .layerwise import resolve_blocks
 
 __all__ = [
@@ -203,7 +204,7 @@ class BlockSensitivity:
         return self.channel_avg_trace * self.channel_sq_norm
 
     def to_dict(self) -> Dict[str, Any]:
-        out = plain_dict(self)
+        out = dataclass_dict(self)
         out["channel_removal_score"] = self.channel_removal_score.tolist()
         return out
 
@@ -325,7 +326,7 @@ class BlockQuantization:
     score_std_error: float
 
     def to_dict(self) -> Dict[str, Any]:
-        return plain_dict(self)
+        return dataclass_dict(self)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 r""":class:`HessianOperator`: the Hessian of a model's mean loss over one batch or a data set."""
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn

@@ -32,17 +32,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from .._checks import check_betas, check_number, check_positive_int
+from .._checks import check_positive_int
 from .._patches import capture_cross_entropy, graph_building_backward
 from ..hvp import second_order_safe
-from ._multi_tensor import commit_parameter_updates, curvature_flags, finite_flags, interrupts_held
+from ._multi_tensor import commit_parameter_updates, finite_flags, interrupts_held
 from ._sharded import Sharding, check_sharded_parameter, is_dtensor, like, local, sharding_of
 from .curvature import CurvatureInputs, CurvatureSource, make_curvature, needs_graph
 

@@ -9,7 +9,7 @@ shared with :class:`hessopt.Sophia` in :mod:`hessopt.optim._base`); one function
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Optional, Tuple
 
 import torch
 

@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from .._checks import check_positive_int
 from .._progress import progress_bar
 from ..operators import as_operator
 from ..probes import GeneratorLike, generator_for
@@ -69,8 +70,7 @@ def spectral_density(
     """
     op = as_operator(op)
     for name, value in (("num_runs", num_runs), ("num_steps", num_steps), ("grid_size", grid_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int(name, value)
     if sigma is not None and not sigma > 0:
         raise ValueError(f"sigma must be positive, got {sigma!r}")
     if not sigma_rel > 0:

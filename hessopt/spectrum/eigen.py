@@ -45,6 +45,7 @@ from typing import List, Optional
 
 import torch
 
+from .._checks import check_positive_int
 from .._progress import progress_bar
 from ..operators import as_operator
 from ..probes import GeneratorLike, generator_for, probe
@@ -165,8 +166,7 @@ def _top_eigenvalues(op, k=1, method="lanczos", which="largest", tol=1e-5, max_m
     (``vector_bound``: the Davis-Kahan bound when ``vector_tol`` was given; see module docstring)."""
     op = as_operator(op)
     n = op.num_params
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    check_positive_int("k", k)
     if k > n:
         raise ValueError(f"k={k} is larger than the dimension of the operator ({n}); ask for at most {n}")
     if which not in _WHICH:

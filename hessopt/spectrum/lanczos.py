@@ -36,10 +36,11 @@ the buffer), and no full-length vector is ever copied to float64.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 
+from .._checks import check_positive_int
 from .._progress import progress_bar
 from ..operators import CurvatureOperator, as_operator
 from ..probes import GeneratorLike, generator_for, probe
@@ -322,8 +323,7 @@ def lanczos(
         >>> ritz_values = torch.linalg.eigvalsh(r.tridiagonal())
     """
     op = as_operator(op)
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    check_positive_int("num_steps", num_steps)
     it = LanczosIteration(op, num_steps, v0=v0, generator=generator)
     with progress_bar(it.max_steps, progress, "Lanczos") as bar:
         while it.step():

@@ -64,7 +64,7 @@ def measure(model, batches, args, step, epoch):
         "step": step, "epoch": epoch, "loss": op.loss(),
         "eigenvalues": top.eigenvalues.tolist(), "error_bounds": top.error_bounds.tolist(),
         "converged": top.converged,
-        "concentration": conc.fraction, "per_direction": conc.per_direction.tolist(), "grad_norm": conc.grad_norm,
+        "concentration": conc.fraction, "per_direction": conc.per_direction.tolist(), "gradient_norm": conc.gradient_norm,
                 "bulk_edge": bulk_edge,
         "density": {"grid": dens.grid.tolist(), "density": dens.density.tolist(),
                     "nodes": [t.tolist() for t in dens.nodes], "weights": [w.tolist() for w in dens.weights]},
