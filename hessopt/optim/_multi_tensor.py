@@ -12,7 +12,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 __all__ = ["by_device_and_dtype", "finite_flags", "curvature_flags", "commit_parameter_updates",
-           "overflow_limit", "interrupts_held", "restore", "commit_in_place"]
+           "overflow_limit", "interrupts_held", "restore", "commit_in_place",
+           "parameter_delta", "parameter_deltas"]
 
 
 def by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> Dict[Tuple[torch.device, torch.dtype], List[int]]:
@@ -121,3 +122,28 @@ def commit_in_place(params: Sequence[torch.Tensor], moments: Sequence[Sequence[t
         for o, n in zip(old, new):
             if o is not n:
                 o.copy_(n)
+
+
+def parameter_delta(update: torch.Tensor, param: torch.Tensor, *, clip: Optional[float], lr: float,
+                    weight_decay: float) -> torch.Tensor:
+    """The step both optimizers end with, in place on ``update`` (their preconditioned update):
+    ``lr * clamp(update, -clip, clip) + lr * wd * theta`` (``clip=None``: no clamp), so that
+    ``theta <- theta - delta``."""
+    if clip is not None:
+        update.clamp_(-clip, clip)
+    update.mul_(lr)
+    if weight_decay:
+        update.add_(param.detach(), alpha=lr * weight_decay)
+    return update
+
+
+def parameter_deltas(updates: List[torch.Tensor], params: Sequence[torch.Tensor], *, clip: Optional[float],
+                     lr: float, weight_decay: float) -> List[torch.Tensor]:
+    """:func:`parameter_delta` for lists of one device and dtype, with multi-tensor kernels."""
+    if clip is not None:
+        torch._foreach_clamp_min_(updates, -clip)
+        torch._foreach_clamp_max_(updates, clip)
+    torch._foreach_mul_(updates, lr)
+    if weight_decay:
+        torch._foreach_add_(updates, [p.detach() for p in params], alpha=lr * weight_decay)
+    return updates

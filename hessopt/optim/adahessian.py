@@ -15,7 +15,8 @@ import torch
 
 from .._checks import check_betas, check_number
 from ._base import CurvatureOptimizer, KernelResult, NonFiniteError, SecondOrderGraphError
-from ._multi_tensor import by_device_and_dtype, commit_in_place, curvature_flags, overflow_limit
+from ._multi_tensor import (by_device_and_dtype, commit_in_place, curvature_flags, overflow_limit, parameter_delta,
+                            parameter_deltas)
 from .averaging import AVERAGING_POLICIES, average_curvature
 
 __all__ = ["AdaHessian", "adahessian", "SecondOrderGraphError", "NonFiniteError"]
@@ -96,12 +97,7 @@ def _single_tensor_adahessian(params, grads, exp_avgs, vs, curvatures, steps, cu
         if hessian_power != 1:
             denom.pow_(hessian_power)
         update = torch.div(new_m[i], denom.add_(eps)).div_(bc1[i])
-        if clip is not None:
-            update.clamp_(-clip, clip)
-        update.mul_(lr)
-        if weight_decay:
-            update.add_(p.detach(), alpha=lr * weight_decay)
-        deltas[i] = update
+        deltas[i] = parameter_delta(update, p, clip=clip, lr=lr, weight_decay=weight_decay)
     return KernelResult(deltas, [new_m, new_v], took, nonfinite, over)
 
 
@@ -137,12 +133,7 @@ def _multi_tensor_adahessian(params, grads, exp_avgs, vs, curvatures, steps, cur
         torch._foreach_add_(denom, eps)
         update = torch._foreach_div(m, denom)
         torch._foreach_div_(update, [bc1[i] for i in live])
-        if clip is not None:
-            torch._foreach_clamp_min_(update, -clip)
-            torch._foreach_clamp_max_(update, clip)
-        torch._foreach_mul_(update, lr)
-        if weight_decay:
-            torch._foreach_add_(update, [params[i].detach() for i in live], alpha=lr * weight_decay)
+        update = parameter_deltas(list(update), [params[i] for i in live], clip=clip, lr=lr, weight_decay=weight_decay)
         for j, i in enumerate(live):
             new_m[i], deltas[i] = m[j], update[j]
     return KernelResult(deltas, [new_m, new_v], took, nonfinite, over)

@@ -14,7 +14,8 @@ import torch
 
 from .._checks import check_betas, check_number
 from ._base import CurvatureOptimizer, KernelResult
-from ._multi_tensor import by_device_and_dtype, commit_in_place, curvature_flags
+from ._multi_tensor import (by_device_and_dtype, commit_in_place, curvature_flags, parameter_delta,
+                            parameter_deltas)
 
 __all__ = ["Sophia", "sophia", "SOPHIA_PRESETS"]
 
@@ -87,10 +88,8 @@ def _single_tensor_sophia(params, grads, exp_avgs, hessians, curvatures, steps, 
             continue  # no curvature yet
         new_m[i] = exp_avgs[i].mul(beta1).add_(grads[i], alpha=1 - beta1)
         denom = new_h[i].mul(rho / bc2[i]).clamp_(min=eps)
-        update = torch.div(new_m[i], denom).div_(bc1[i]).clamp_(-1.0, 1.0).mul_(lr)
-        if weight_decay:
-            update.add_(p.detach(), alpha=lr * weight_decay)
-        deltas[i] = update
+        update = torch.div(new_m[i], denom).div_(bc1[i])
+        deltas[i] = parameter_delta(update, p, clip=1.0, lr=lr, weight_decay=weight_decay)
     return KernelResult(deltas, [new_m, new_h], took, nonfinite, [False] * n)
 
 
@@ -117,11 +116,7 @@ def _multi_tensor_sophia(params, grads, exp_avgs, hessians, curvatures, steps, c
         torch._foreach_clamp_min_(denom, eps)
         update = torch._foreach_div(m, denom)
         torch._foreach_div_(update, [bc1[i] for i in live])
-        torch._foreach_clamp_min_(update, -1.0)
-        torch._foreach_clamp_max_(update, 1.0)
-        torch._foreach_mul_(update, lr)
-        if weight_decay:
-            torch._foreach_add_(update, [params[i].detach() for i in live], alpha=lr * weight_decay)
+        update = parameter_deltas(list(update), [params[i] for i in live], clip=1.0, lr=lr, weight_decay=weight_decay)
         for j, i in enumerate(live):
             new_m[i], deltas[i] = m[j], update[j]
     return KernelResult(deltas, [new_m, new_h], took, nonfinite, [False] * n)
