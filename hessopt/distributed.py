@@ -393,7 +393,7 @@ class OptimizerSync:
     accepted (:meth:`watch` raises a ``TypeError`` naming ``"gnb"`` and ``"finite_difference"``);
     the gradients and curvature estimates of the shards are already rank averages (FSDP's
     reduce-scatter) and are not averaged again, and the first-step check compares everything but
-    the values of the shards (see ``hessopt.optim._sharded``).
+    the values of the shards (see ``hessopt._sharded``).
 
     **When.** ``enabled=None`` (the optimizer's ``distributed=None``): active whenever a default
     process group is initialized at the time of a backward or step, with any number of processes
@@ -427,7 +427,7 @@ class OptimizerSync:
             if id(p) in self._hooked or not p.requires_grad:
                 continue
             if _is_dtensor(p) and getattr(self._optimizer.curvature, "needs_graph", True):
-                from .optim._sharded import check_sharded_parameter
+                from ._sharded import check_sharded_parameter
 
                 # raises a TypeError naming the first-order sources that do work under FSDP2
                 check_sharded_parameter(p, type(self._optimizer).__name__, self._optimizer.curvature, True)

@@ -32,7 +32,7 @@ import torch
 
 from .operators import CurvatureOperator, as_operator
 from ._progress import progress_bar
-from .probes import GeneratorLike, _check_distribution, generator_for, probe
+from .probes import GeneratorLike, _check_distribution, generator_for
 from .results import TraceResult
 
 __all__ = ["trace", "diagonal"]
@@ -46,14 +46,17 @@ def _check_count(name: str, value: int, minimum: int, why: str) -> None:
 
 
 def _check_probes(op: CurvatureOperator, probes: torch.Tensor) -> torch.Tensor:
-    if not isinstance(probes, torch.Tensor) or probes.dim() != 2 or probes.shape[0] != op.num_params:
+    n = op.local_size
+    if not isinstance(probes, torch.Tensor) or probes.dim() != 2 or probes.shape[0] != n:
         got = tuple(probes.shape) if isinstance(probes, torch.Tensor) else type(probes).__name__
-        raise ValueError(f"probes must be a ({op.num_params}, m) tensor with one probe per column, got {got}")
+        shard = " (this process's shard of each probe)" if op.is_sharded else ""
+        raise ValueError(f"probes must be a ({n}, m) tensor with one probe per column{shard}, got {got}")
     return probes.to(dtype=op.dtype, device=op.device)
 
 
-def _dot64(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.dot(a.double(), b.double()))
+def _dot64(op: CurvatureOperator, a: torch.Tensor, b: torch.Tensor) -> float:
+    """``a^T b`` accumulated in float64 (over the shards, for a sharded operator)."""
+    return op.dot(a.double(), b.double())
 
 
 def _mean_and_error(samples: torch.Tensor):
@@ -112,8 +115,8 @@ def _hutchinson(op, num_matvecs, generator, distribution, probes, progress) -> T
     samples = torch.empty(num_matvecs, dtype=torch.float64)
     with progress_bar(num_matvecs, progress, "Hutchinson trace") as bar:
         for i in range(num_matvecs):
-            z = probes[:, i] if probes is not None else probe(op.num_params, gen, dtype=op.dtype, distribution=distribution)
-            samples[i] = _dot64(z, op @ z)
+            z = probes[:, i] if probes is not None else op.probe(gen, distribution=distribution)
+            samples[i] = _dot64(op, z, op @ z)
             bar.update()
     estimate, err = _mean_and_error(samples)
     return TraceResult(estimate, err, num_matvecs, "hutchinson", samples)
@@ -130,17 +133,37 @@ def _hutchpp(op, num_matvecs, generator, distribution, progress) -> TraceResult:
             bar.update()
             return op @ v
 
-        S = torch.stack([probe(n, gen, dtype=op.dtype, distribution=distribution) for _ in range(sketch)], dim=1)
+        S = torch.stack([op.probe(gen, distribution=distribution) for _ in range(sketch)], dim=1)
         AS = torch.stack([apply(col) for col in S.unbind(1)], dim=1)
-        Q = torch.linalg.qr(AS.double())[0].to(op.dtype)  # QR in float64: Q must be orthonormal
-        low_rank = sum(_dot64(q, apply(q)) for q in Q.unbind(1))
+        Q = _orthonormal_basis(op, AS.double()).to(op.dtype)  # in float64: Q must be orthonormal
+        low_rank = sum(_dot64(op, q, apply(q)) for q in Q.unbind(1))
         samples = torch.empty(residual_probes, dtype=torch.float64)
         for i in range(residual_probes):
-            g = probe(n, gen, dtype=op.dtype, distribution=distribution)
-            g = g - Q @ (Q.T @ g)  # project out the sketched range: (I - QQ^T) g
-            samples[i] = _dot64(g, apply(g))
+            g = op.probe(gen, distribution=distribution)
+            g = g - Q @ op.reduce_sum(Q.T @ g)  # project out the sketched range: (I - QQ^T) g
+            samples[i] = _dot64(op, g, apply(g))
     rest, err = _mean_and_error(samples)
     return TraceResult(low_rank + rest, err, num_matvecs, "hutch++", samples)
+
+
+def _orthonormal_basis(op: CurvatureOperator, A: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the range of the tall ``(n, s)`` float64 matrix ``A``.
+
+    ``torch.linalg.qr`` when the whole columns are here. On a sharded operator, where each process
+    holds some rows, it is built from the all-reduced ``s x s`` Gram matrix: ``A^T A = U L U^T``,
+    ``Q = A U L^{-1/2}`` over the eigenvalues above ``s * eps * max(L)`` (columns in the null space
+    dropped), repeated once on ``Q`` to restore orthogonality to float64 precision (SVQB, Stathopoulos
+    and Wu 2002; "twice is enough" as for Gram-Schmidt).
+    """
+    if not op.is_sharded:
+        return torch.linalg.qr(A)[0]
+    Q = A
+    for _ in range(2):
+        gram = op.reduce_sum(Q.T @ Q)
+        values, U = torch.linalg.eigh(gram)
+        keep = values > Q.shape[1] * torch.finfo(torch.float64).eps * float(values.max().clamp_min(0))
+        Q = Q @ (U[:, keep] * values[keep].rsqrt())
+    return Q
 
 
 def diagonal(
@@ -167,10 +190,10 @@ def diagonal(
         num_matvecs = probes.shape[1]
     _check_count("num_matvecs", num_matvecs, 1, "at least one probe")
     gen = None if probes is not None else generator_for(op, generator)
-    total = torch.zeros(op.num_params, dtype=op.dtype, device=op.device)
+    total = torch.zeros(op.local_size, dtype=op.dtype, device=op.device)
     with progress_bar(num_matvecs, progress, "Hutchinson diagonal") as bar:
         for i in range(num_matvecs):
-            z = probes[:, i] if probes is not None else probe(op.num_params, gen, dtype=op.dtype, distribution=distribution)
+            z = probes[:, i] if probes is not None else op.probe(gen, distribution=distribution)
             total.addcmul_(z, op @ z)
             bar.update()
     return total / num_matvecs

@@ -62,8 +62,9 @@ class SolveResult:
         }
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.dot(a.reshape(-1).double(), b.reshape(-1).double()))
+def _dot(op: CurvatureOperator, a: torch.Tensor, b: torch.Tensor) -> float:
+    """``a^T b`` in float64 (over the shards, for a sharded operator)."""
+    return op.dot(a.reshape(-1).double(), b.reshape(-1).double())
 
 
 def solve(
@@ -108,8 +109,8 @@ def solve(
         b_flat = b
     else:
         raise TypeError(f"b must be a tensor or a list of tensors, got {type(b).__name__}")
-    if b_flat.dim() != 1 or b_flat.numel() != op.num_params:
-        raise ValueError(f"b must have {op.num_params} entries (one per parameter), got shape {tuple(b_flat.shape)}")
+    if b_flat.dim() != 1 or b_flat.numel() != op.local_size:
+        raise ValueError(f"b must have {op.local_size} entries (one per parameter), got shape {tuple(b_flat.shape)}")
     if b_flat.dtype != op.dtype or b_flat.device != op.device:
         raise TypeError(
             f"b is {b_flat.dtype} on {b_flat.device} but the operator works in {op.dtype} on {op.device}: "
@@ -127,7 +128,7 @@ def solve(
         out = op @ v
         return out + damping * v if damping else out
 
-    b_norm = math.sqrt(_dot(b_flat, b_flat))
+    b_norm = math.sqrt(_dot(op, b_flat, b_flat))
     matvecs = 0
     if x0 is None:
         x = torch.zeros_like(b_flat)
@@ -148,7 +149,7 @@ def solve(
                            num_matvecs=matvecs, converged=converged, negative_curvature=negative,
                            curvature=curvature)
 
-    rr = _dot(r, r)
+    rr = _dot(op, r, r)
     if b_norm == 0.0 or math.sqrt(rr) <= tol * b_norm:
         return result(True, rr, matvecs)
     p = r.clone()
@@ -159,9 +160,9 @@ def solve(
             bar.update(1)
             ap = apply(p)
             matvecs += 1
-            pap = _dot(p, ap)
+            pap = _dot(op, p, ap)
             if pap <= 0.0 or not math.isfinite(pap):
-                curvature = pap / _dot(p, p)
+                curvature = pap / _dot(op, p, p)
                 warnings.warn(
                     f"hessopt.solve: the operator (+ damping {damping:g}) has non-positive curvature "
                     f"{curvature:.3e} along a conjugate-gradient direction: it is not positive definite, "
@@ -173,7 +174,7 @@ def solve(
             alpha = rr / pap
             x.add_(p, alpha=alpha)
             r.add_(ap, alpha=-alpha)
-            rr_new = _dot(r, r)
+            rr_new = _dot(op, r, r)
             if math.sqrt(rr_new) <= tol * b_norm:
                 return result(True, rr_new, matvecs)
             p.mul_(rr_new / rr).add_(r)

@@ -171,7 +171,7 @@ def curvature_summary(
         matvecs += dens.num_matvecs
     g_norm = concentration = None
     if gradient_concentration and has_gradient:
-        g_norm, concentration = _concentration(op.gradient(), eig)
+        g_norm, concentration = _concentration(op, op.gradient(), eig)
     return CurvatureSummary(
         num_params=n,
         top_eigenvalues=eig.eigenvalues,
@@ -189,12 +189,14 @@ def curvature_summary(
     )
 
 
-def _concentration(grad: torch.Tensor, eig):
-    """``(||g||, ||V_k^T g||^2 / ||g||^2)`` by the one formula, ``nan`` for a zero gradient."""
+def _concentration(op, grad: torch.Tensor, eig):
+    """``(||g||, ||V_k^T g||^2 / ||g||^2)`` by the one formula, ``nan`` for a zero gradient (inner
+    products in the operator's space: all-reduced over the shards of a sharded operator)."""
     from .analysis.concentration import gradient_concentration  # analysis imports the core, not back
 
     g = grad.detach().reshape(-1).double()
-    norm = math.sqrt(float(g @ g))
+    norm = op.norm(g)
     if not norm > 0:
         return norm, math.nan
-    return norm, float(gradient_concentration(grad=g, eigenvectors=eig.eigenvectors, k=eig.eigenvalues.numel()).fraction)
+    return norm, float(gradient_concentration(op, grad=g, eigenvectors=eig.eigenvectors,
+                                              k=eig.eigenvalues.numel()).fraction)

@@ -7,7 +7,13 @@ import torch
 
 from ..results import EigenResult
 
-__all__ = ["as_basis", "check_orthonormal"]
+__all__ = ["as_basis", "check_orthonormal", "refuse_sharded"]
+
+
+def refuse_sharded(op: Any, what: str) -> None:
+    """A clear error for an analysis that needs whole vectors, given a sharded (FSDP2) operator."""
+    if getattr(op, "is_sharded", False):
+        op._refuse_sharded(what)
 
 
 def as_basis(vectors: Any, name: str = "V") -> torch.Tensor:
@@ -30,10 +36,13 @@ def as_basis(vectors: Any, name: str = "V") -> torch.Tensor:
     return vectors
 
 
-def check_orthonormal(V: torch.Tensor, name: str, tol: float) -> None:
-    """Raise a ValueError unless ``V^T V = I`` to within ``tol`` (max abs entry)."""
+def check_orthonormal(V: torch.Tensor, name: str, tol: float, reduce_sum=None) -> None:
+    """Raise a ValueError unless ``V^T V = I`` to within ``tol`` (max abs entry); ``reduce_sum``:
+    an operator's (:meth:`hessopt.operators.CurvatureOperator.reduce_sum`) when ``V`` holds this
+    process's rows of sharded vectors."""
     V64 = V.double()
-    err = float((V64.T @ V64 - torch.eye(V.shape[1], dtype=torch.float64, device=V.device)).abs().max())
+    gram = V64.T @ V64 if reduce_sum is None else reduce_sum(V64.T @ V64)
+    err = float((gram - torch.eye(V.shape[1], dtype=torch.float64, device=V.device)).abs().max())
     if err > tol:
         raise ValueError(
             f"the columns of {name} are not orthonormal (max |{name}^T {name} - I| = {err:.2e} > {tol:g}); "

@@ -123,19 +123,22 @@ def gradient_concentration(
     grad = grad.reshape(-1)
     if grad.numel() != V.shape[0]:
         raise ValueError(f"grad has {grad.numel()} entries but the eigenvectors have {V.shape[0]} rows")
+    # on a sharded (FSDP2) operator V and g are this process's rows: inner products are all-reduced
+    sharded = op is not None and getattr(op, "is_sharded", False)
+    reduce_sum = op.reduce_sum if sharded else (lambda t: t)
     V64 = V.double()
-    check_orthonormal(V64, "eigenvectors", orthonormal_tol)
+    check_orthonormal(V64, "eigenvectors", orthonormal_tol, reduce_sum if sharded else None)
     g = grad.detach().to(device=V.device, dtype=torch.float64)
-    norm2 = float(g @ g)
+    norm2 = float(reduce_sum((g @ g).reshape(1)))
     if not norm2 > 0:
         raise ValueError("the gradient is zero: its concentration is undefined")
-    per = (V64.T @ g).pow(2).cpu() / norm2
+    per = reduce_sum(V64.T @ g).pow(2).cpu() / norm2
     return GradientConcentration(
         fraction=min(float(per.sum()), 1.0),
         per_direction=per,
         k=V.shape[1],
         gradient_norm=norm2**0.5,
         eigenvalues=None if eigenvalues is None else eigenvalues.cpu(),
-        chance=V.shape[1] / V.shape[0],
+        chance=V.shape[1] / (op.num_params if sharded else V.shape[0]),
         error_bound=None if bound is None else float(bound),
     )

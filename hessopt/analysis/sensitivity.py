@@ -82,6 +82,7 @@ from ..estimators import diagonal
 from ..operators import CurvatureOperator, as_operator
 from ..probes import GeneratorLike, _check_distribution, generator_for, probe
 
+from ._common import refuse_sharded
 from .layerwise import resolve_blocks
 
 __all__ = [
@@ -477,6 +478,7 @@ def hessian_sensitivity(
         HAWQ-V2 scores, ``.ranking()``, ``.channel_ranking()``.
     """
     op = as_operator(op)
+    refuse_sharded(op, "hessian_sensitivity (per-parameter blocks of whole probe vectors)")
     _check_distribution(distribution)
     named = _operator_params(op, params)
     names = [n for n, _ in named]

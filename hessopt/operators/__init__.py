@@ -5,13 +5,17 @@ the operator owns everything else: which parameters, which data, how a model is 
 mode and restored. So every estimator can be tested on a 10x10 matrix, and every operator against a
 dense oracle.
 
-``op @ v`` accepts a flat 1-D tensor of length ``op.num_params`` (returns a flat tensor), a list of
-tensors shaped like the operator's parameters (returns such a list; model-based operators only),
-or a 2-D tensor of shape ``(num_params, k)`` (applies the operator to each column).
+``op @ v`` accepts a flat 1-D tensor of length ``op.local_size`` (``op.num_params`` unless the model is
+sharded by FSDP2; returns a flat tensor), a list of tensors shaped like the operator's parameters
+(returns such a list; model-based operators only), or a 2-D tensor of shape ``(local_size, k)``
+(applies the operator to each column). The operator also owns the inner product of its space
+(``dot``, ``norm``, ``reduce_sum``, ``probe``), which the estimators use, so they run unchanged on
+sharded vectors.
 
 Modules:
     base:     CurvatureOperator (the interface, ``to_scipy()``), MatrixOperator, LambdaOperator.
     _model:   ModelOperator, the constructor conventions and data protocol of the model operators.
+    _sharded_model: the same on FSDP2-sharded parameters (sharded vectors, FSDP's averaging).
     hessian:  HessianOperator (reverse, forward-over-reverse, finite differences).
     ggn:      GGNOperator, the generalized Gauss-Newton matrix J^T H_L J.
     fisher:   EmpiricalFisherOperator, (1/N) sum_n g_n g_n^T.

@@ -10,7 +10,9 @@ r"""What every model-based operator shares: one constructor convention and one d
   touching its running statistics, ``train()`` overrides honoured) and its restoration
   (:func:`preserved_module_tensors`: every parameter and buffer object is the one found),
 * the global RNG (forked around every product), and
-* ``torch.distributed`` averaging (:class:`hessopt.distributed.OperatorSync`).
+* ``torch.distributed`` averaging (:class:`hessopt.distributed.OperatorSync`), or, on FSDP2-sharded
+  parameters, sharded vectors and FSDP's own averaging (:mod:`hessopt.operators._sharded_model`;
+  only operators whose products need no second derivative through the network accept those).
 
 A subclass implements ``_products(vectors)``: ``(product of one batch's mean-loss curvature with
 the vectors, batch size)`` for every batch.
@@ -25,8 +27,9 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
-from .. import _batches
+from .. import _batches, _sharded
 from ..hvp import second_order_safe
+from ._sharded_model import NEEDS_FINITE_DIFFERENCES, sharded_model_of
 from .base import CurvatureOperator, NonFiniteCurvatureError, flatten, unflatten
 
 __all__ = ["ModelOperator", "operator_mode", "preserved_module_tensors", "select_params"]
@@ -202,6 +205,8 @@ class ModelOperator(CurvatureOperator):
 
     #: what the operator's matrix is called in messages
     _matrix_name = "curvature"
+    #: whether the class accepts FSDP2-sharded parameters (it then checks its own options)
+    _may_shard = False
 
     def __init__(
         self,
@@ -231,6 +236,7 @@ class ModelOperator(CurvatureOperator):
         self.bn_mode = bn_mode
         self.progress = progress
         self._size_fn = batch_size
+        _sharded.reshard(_sharded.fsdp_modules(model))  # FSDP2: the DTensor parameters, not a forward's leftovers
         self.param_names, self.params = select_params(model, params)
         dtypes = {p.dtype for p in self.params}
         devices = {p.device for p in self.params}
@@ -243,6 +249,17 @@ class ModelOperator(CurvatureOperator):
         self.shapes = [p.shape for p in self.params]
         self.num_params = sum(p.numel() for p in self.params)
         self._data, self._single = _batches.materialize(data)
+        self._shards = sharded_model_of(self, type(self).__name__)
+        if self._shards is not None:
+            if not self._may_shard:
+                raise TypeError(NEEDS_FINITE_DIFFERENCES.format(name=type(self).__name__,
+                                                                what=f"the {self._matrix_name}'s products"))
+            if distributed is False:
+                raise ValueError(f"{type(self).__name__}: distributed=False cannot apply to sharded (FSDP2) "
+                                 "parameters, whose every forward and backward involves all processes")
+            self.shapes = list(self._shards.local_shapes)  # list-of-tensors vectors are local chunks
+            self.is_sharded = True
+            distributed = False  # FSDP averages over the processes itself
         self._sync = OperatorSync(distributed, name=type(self).__name__)
         # a rank's shard may be empty under torch.distributed (the other ranks' samples count);
         # the check that some rank has data is then made together, in the first product
@@ -266,11 +283,38 @@ class ModelOperator(CurvatureOperator):
 
     @property
     def is_distributed(self) -> bool:
-        return self._sync.active
+        return self._shards is not None or self._sync.active
 
     def broadcast_seed(self, seed: int) -> int:
         """Rank 0's seed on every rank, so that all ranks draw the same random probes."""
+        if self._shards is not None:
+            return self._shards.broadcast_seed(seed)
         return self._sync.broadcast_seed(seed)
+
+    # -- the vector space: sharded on FSDP2 parameters (see hessopt.operators.base) ----------------
+
+    @property
+    def local_size(self) -> int:
+        return self.num_params if self._shards is None else self._shards.local_size
+
+    def reduce_sum(self, partial: torch.Tensor) -> torch.Tensor:
+        return partial if self._shards is None else self._shards.reduce_sum(partial)
+
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        return super().dot(a, b) if self._shards is None else self._shards.dot(a, b)
+
+    def norm(self, a: torch.Tensor) -> float:
+        return super().norm(a) if self._shards is None else self._shards.norm(a)
+
+    def probe(self, generator: torch.Generator, dtype: Optional[torch.dtype] = None,
+              distribution: str = "rademacher") -> torch.Tensor:
+        if self._shards is None:
+            return super().probe(generator, dtype, distribution)
+        return self._shards.probe(self.params, generator, self.dtype if dtype is None else dtype, distribution)
+
+    def _all_finite(self, out: torch.Tensor) -> bool:
+        finite = bool(torch.isfinite(out).all())
+        return finite if self._shards is None else self._shards.all_true(finite)
 
     # -- data ------------------------------------------------------------------------------------
 
@@ -292,7 +336,10 @@ class ModelOperator(CurvatureOperator):
     def _prepare(self, batch: Any) -> Tuple[Any, int]:
         """The batch on the operator's device, and its size."""
         batch = _batches.to_device(batch, self.device)
-        return batch, _batches.batch_size(batch, self.loss_form, self._size_fn)
+        return batch, self._batch_size(batch)
+
+    def _batch_size(self, batch: Any) -> int:
+        return _batches.batch_size(batch, self.loss_form, self._size_fn)
 
     def _check_loss(self, loss: Any) -> torch.Tensor:
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -305,7 +352,9 @@ class ModelOperator(CurvatureOperator):
         batch, n = self._prepare(batch)
         with operator_mode(self.model, self.bn_mode), second_order_safe():
             loss = self._check_loss(_batches.evaluate_loss(self.model, self.loss_fn, batch, self.loss_form))
-        if not bool(torch.isfinite(loss.detach())):
+        # sharded: a non-finite loss is caught by the agreed check of the product (every process
+        # raises together) instead of by this process alone, which would leave the others waiting
+        if self._shards is None and not bool(torch.isfinite(loss.detach())):
             raise NonFiniteCurvatureError(
                 f"the loss is {float(loss.detach())}: the {self._matrix_name} is undefined here")
         return loss, n
@@ -360,6 +409,9 @@ class ModelOperator(CurvatureOperator):
         raise NotImplementedError  # pragma: no cover - abstract
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        if self._shards is not None:
+            return self._sharded_matvec(v)
+
         def accumulate(total: torch.Tensor) -> float:
             vectors, count = unflatten(v, self.shapes), 0.0
             with self._rng_guard(), preserved_module_tensors(self.model):
@@ -371,8 +423,31 @@ class ModelOperator(CurvatureOperator):
         total, count = self._sync.local_then_reduce(accumulate, torch.zeros_like(v), v)
         return total / count
 
+    def _sharded_matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """Sharded: the products come already averaged over the processes (FSDP) and weighted
+        (:meth:`ShardedModel.weights`): their sum over the batches is the data-set product."""
+        total = torch.zeros_like(v)
+        with self._rng_guard(), self._shards.grads_stashed(self.model):
+            for product, weight in self._products(unflatten(v, self.shapes)):
+                total.add_(flatten(product), alpha=weight)
+        return total
+
+    def _sharded_weighted_losses(self) -> Iterator[torch.Tensor]:
+        """Each batch's mean loss times its weight ``W n_rb / N`` (sharded operators)."""
+        for batch, weight in zip(self._batches(), self._shards.weights(self)):
+            yield self._forward_loss(batch)[0] * weight
+
     def gradient(self) -> torch.Tensor:
-        """The flat gradient of the (data-set) mean loss at the current parameters."""
+        """The flat gradient of the (data-set) mean loss at the current parameters (this process's
+        shard of it, on sharded parameters)."""
+        if self._shards is not None:
+            total = torch.zeros(self.local_size, dtype=self.dtype, device=self.device)
+            with self._rng_guard(), self._shards.grads_stashed(self.model):
+                for loss in self._sharded_weighted_losses():
+                    total.add_(flatten(self._shards.gradient(loss, self.params, self.model)))
+            self._shards.check_finite(total, "the gradient")
+            return total
+
         def accumulate(total: torch.Tensor) -> float:
             count = 0.0
             with self._rng_guard():
@@ -390,6 +465,13 @@ class ModelOperator(CurvatureOperator):
 
     def loss(self) -> float:
         """The (data-set) mean loss at the current parameters, in the operator's mode."""
+        if self._shards is not None:
+            total = torch.zeros(1, dtype=torch.float64, device=self.device)
+            with torch.no_grad(), self._rng_guard(), self._shards.grads_stashed(self.model):
+                for loss in self._sharded_weighted_losses():
+                    total += loss.double() / self._shards.world
+            return float(self._shards.reduce_sum(total).item())
+
         def accumulate(total: torch.Tensor) -> float:
             count = 0.0
             with torch.no_grad(), self._rng_guard():

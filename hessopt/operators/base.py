@@ -1,8 +1,19 @@
 r"""The operator interface: :class:`CurvatureOperator` and the two model-free operators.
 
-``op @ v`` accepts a flat 1-D tensor of length ``op.num_params`` (returns a flat tensor), a list of
+``op @ v`` accepts a flat 1-D tensor of length ``op.local_size`` (returns a flat tensor), a list of
 tensors shaped like the operator's parameters (returns such a list; model-based operators only),
-or a 2-D tensor of shape ``(num_params, k)`` (applies the operator to each column).
+or a 2-D tensor of shape ``(local_size, k)`` (applies the operator to each column).
+
+**The vector space.** An operator also owns the inner product of the space it acts on:
+:meth:`CurvatureOperator.dot`, :meth:`~CurvatureOperator.norm`,
+:meth:`~CurvatureOperator.reduce_sum` (partial inner products summed over the shards) and
+:meth:`~CurvatureOperator.probe` (a random vector). For an ordinary operator ``local_size ==
+num_params`` and these are ``torch.dot``, ``torch.linalg.vector_norm``, the identity and
+:func:`hessopt.probes.probe`. For an operator on a *sharded* model (FSDP2's ``fully_shard``) each
+process holds only its shard of every vector (``local_size < num_params``): the estimators compute
+on the shards and every inner product is a local partial sum completed by ``reduce_sum`` (one
+``all_reduce``), so they run unchanged while the memory per process falls with the number of
+processes (:mod:`hessopt.operators._sharded_model`).
 """
 from __future__ import annotations
 
@@ -11,6 +22,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .._checks import check_positive_int
+from ..probes import probe as _probe
 
 __all__ = [
     "CurvatureOperator",
@@ -59,6 +71,44 @@ class CurvatureOperator:
     def shape(self) -> Tuple[int, int]:
         return (self.num_params, self.num_params)
 
+    # -- the vector space (see the module docstring) -------------------------------------------
+
+    #: whether each process holds only a shard of every vector (FSDP2); see the module docstring
+    is_sharded: bool = False
+
+    @property
+    def local_size(self) -> int:
+        """The length of the vectors this process multiplies (``num_params`` unless sharded)."""
+        return self.num_params
+
+    def reduce_sum(self, partial: torch.Tensor) -> torch.Tensor:
+        """Partial inner products (of this process's shards) summed over the shards; here the identity."""
+        return partial
+
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        """The inner product ``a^T b`` of two vectors of the space, as a float (in their dtype)."""
+        return float(torch.dot(a, b))
+
+    def norm(self, a: torch.Tensor) -> float:
+        """The Euclidean norm ``||a||`` of a vector of the space, as a float."""
+        return float(torch.linalg.vector_norm(a))
+
+    def probe(self, generator: torch.Generator, dtype: Optional[torch.dtype] = None,
+              distribution: str = "rademacher") -> torch.Tensor:
+        """A random vector of the space (this process's part of it) with i.i.d. Rademacher or
+        Gaussian entries, drawn from ``generator`` (:func:`hessopt.probes.probe`)."""
+        return _probe(self.num_params, generator, dtype=self.dtype if dtype is None else dtype,
+                      device=self.device, distribution=distribution)
+
+    def _refuse_sharded(self, what: str) -> None:
+        if self.is_sharded:
+            raise TypeError(
+                f"{what} needs every entry of the vectors in one process, but this "
+                f"{type(self).__name__} is sharded (FSDP2: each process holds {self.local_size} of the "
+                f"{self.num_params} entries); use the estimators (top_eigenvalues, trace, diagonal, "
+                "spectral_density, lanczos, solve), which work on shards"
+            )
+
     def broadcast_seed(self, seed: int) -> int:
         """Make a random seed identical on every process that applies this operator (identity here)."""
         return seed
@@ -79,6 +129,7 @@ class CurvatureOperator:
 
     def to_dense(self) -> torch.Tensor:
         """The full ``(n, n)`` matrix, by applying the operator to each unit vector (small n only)."""
+        self._refuse_sharded("to_dense()")
         eye = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
         return self @ eye
 
@@ -94,6 +145,7 @@ class CurvatureOperator:
             >>> from scipy.sparse.linalg import eigsh
             >>> top = eigsh(op.to_scipy(), k=3, which="LA", return_eigenvectors=False)
         """
+        self._refuse_sharded("to_scipy()")
         try:
             import numpy as np
             from scipy.sparse.linalg import LinearOperator
@@ -117,10 +169,11 @@ class CurvatureOperator:
     # -- validation ---------------------------------------------------------------------------
 
     def _check_tensor(self, v: torch.Tensor) -> None:
-        if v.dim() not in (1, 2) or v.shape[0] != self.num_params:
+        n = self.local_size
+        if v.dim() not in (1, 2) or v.shape[0] != n:
+            shard = f" (this process's shard of the {self.num_params} entries)" if self.is_sharded else ""
             raise ValueError(
-                f"expected a vector of length {self.num_params} (or a ({self.num_params}, k) matrix), "
-                f"got shape {tuple(v.shape)}"
+                f"expected a vector of length {n}{shard} (or a ({n}, k) matrix), got shape {tuple(v.shape)}"
             )
         if v.dtype != self.dtype:
             raise TypeError(
@@ -146,9 +199,13 @@ class CurvatureOperator:
         self._check_tensor(flat)
         return unflatten(self._checked_matvec(flat), self.shapes)
 
+    def _all_finite(self, out: torch.Tensor) -> bool:
+        """Whether the product is finite (on every shard, for a sharded operator)."""
+        return bool(torch.isfinite(out).all())
+
     def _checked_matvec(self, v: torch.Tensor) -> torch.Tensor:
         out = self._matvec(v)
-        if not bool(torch.isfinite(out).all()):
+        if not self._all_finite(out):
             raise NonFiniteCurvatureError(
                 f"{type(self).__name__} produced NaN/Inf: the loss or its curvature is not finite at "
                 "these parameters (check the loss value, the inputs, and use float32/float64 rather "

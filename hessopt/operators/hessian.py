@@ -7,7 +7,10 @@ import torch
 from torch import nn
 
 from ..hvp import _hvp_forward_over_reverse, _hvp_from_grads, gradients_with_graph
+from .._sharded import local
 from ._model import ModelOperator, ParamSpec, operator_mode
+from ._sharded_model import NEEDS_FINITE_DIFFERENCES
+from .base import flatten
 
 __all__ = ["HessianOperator", "HVP_METHODS"]
 
@@ -70,6 +73,7 @@ class HessianOperator(ModelOperator):
     """
 
     _matrix_name = "Hessian"
+    _may_shard = True  # with method="finite_difference" only (checked in __init__)
 
     def __init__(
         self,
@@ -92,6 +96,9 @@ class HessianOperator(ModelOperator):
         self.cache_graph = self._single if cache_graph is None else bool(cache_graph)
         if method not in HVP_METHODS:
             raise ValueError(f"method must be one of {HVP_METHODS}, got {method!r}")
+        if self.is_sharded and method != "finite_difference":
+            raise TypeError(NEEDS_FINITE_DIFFERENCES.format(
+                name="HessianOperator", what=f"a Hessian-vector product by method={method!r} (double backward)"))
         if method == "forward_over_reverse":
             self._functional()  # refuses parameters the model does not own, now rather than later
         if method != "reverse":
@@ -146,29 +153,43 @@ class HessianOperator(ModelOperator):
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         return [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)], float(n)
 
+    def _sharded_gradient(self, batch: Any, weight: float) -> Tuple[List[torch.Tensor], float]:
+        """This process's chunks of the weighted, process-averaged gradient (already weighted: 1)."""
+        loss, _ = self._forward_loss(batch)
+        return self._shards.gradient(loss * weight, self.params, self.model), 1.0
+
     def _finite_differences(self, vectors: List[torch.Tensor]) -> Iterator[Tuple[List[torch.Tensor], float]]:
-        saved = [p.detach().clone() for p in self.params]
-        theta = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s, dtype=torch.float64) for s in saved]))
-        v_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v, dtype=torch.float64) for v in vectors]))
-        if float(v_norm) == 0.0:
-            for batch in self._batches():
-                yield [torch.zeros_like(p) for p in self.params], float(self._prepare(batch)[1])
+        # on sharded parameters everything below is on this process's chunks (``local``), the norms
+        # are global (one all_reduce each) and the gradients come from FSDP's averaged backward
+        saved = [local(p).detach().clone() for p in self.params]
+        theta = self.norm(flatten(saved)) if self.is_sharded else float(torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(s, dtype=torch.float64) for s in saved])))
+        v_norm = self.norm(flatten(vectors)) if self.is_sharded else float(torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(v, dtype=torch.float64) for v in vectors])))
+        weights = self._shards.weights(self) if self.is_sharded else None
+        if v_norm == 0.0:
+            for i, batch in enumerate(self._batches()):
+                n = 1.0 if weights is not None else float(self._prepare(batch)[1])
+                yield [torch.zeros_like(s) for s in saved], n
             return
-        eps = self.fd_step * max(float(theta), 1.0) / float(v_norm)
+        eps = self.fd_step * max(theta, 1.0) / v_norm
 
         def move(sign: float) -> None:
             # through .data: the values change but not the version counters, so a graph that the
             # user holds over these parameters is still valid once they are restored
             with torch.no_grad():
                 for p, s, v in zip(self.params, saved, vectors):
-                    p.data.copy_(s + (sign * eps) * v)
+                    local(p.data).copy_(s + (sign * eps) * v)
+
+        def gradient(i: int, batch: Any) -> Tuple[List[torch.Tensor], float]:
+            return self._plain_gradient(batch) if weights is None else self._sharded_gradient(batch, weights[i])
 
         try:
-            for batch in self._batches():
+            for i, batch in enumerate(self._batches()):
                 move(+1.0)
-                plus, n = self._plain_gradient(batch)
+                plus, n = gradient(i, batch)
                 move(-1.0)
-                minus, _ = self._plain_gradient(batch)
+                minus, _ = gradient(i, batch)
                 self._restore(saved)
                 yield [(a - b) / (2.0 * eps) for a, b in zip(plus, minus)], n
         finally:
@@ -177,4 +198,4 @@ class HessianOperator(ModelOperator):
     def _restore(self, saved: List[torch.Tensor]) -> None:
         with torch.no_grad():
             for p, s in zip(self.params, saved):
-                p.data.copy_(s)
+                local(p.data).copy_(s)

@@ -42,7 +42,7 @@ from .._checks import check_positive_int
 from .._patches import capture_cross_entropy, graph_building_backward
 from ..hvp import second_order_safe
 from ._multi_tensor import commit_parameter_updates, finite_flags, interrupts_held
-from ._sharded import Sharding, check_sharded_parameter, is_dtensor, like, local, sharding_of
+from .._sharded import Sharding, check_sharded_parameter, is_dtensor, like, local, sharding_of
 from .curvature import CurvatureInputs, CurvatureSource, make_curvature, needs_graph
 
 __all__ = ["CurvatureOptimizer", "KernelResult", "NonFiniteError", "SecondOrderGraphError"]

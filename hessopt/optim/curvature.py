@@ -43,7 +43,7 @@ from .._checks import check_positive_int
 from ..hvp import hvp_from_grads
 from ..probes import PROBE_DISTRIBUTIONS, probe
 from ._multi_tensor import restore
-from ._sharded import Sharding, is_dtensor, local
+from .._sharded import Sharding, is_dtensor, local
 
 __all__ = [
     "CurvatureInputs", "CurvatureSource", "Hutchinson", "GaussNewtonBartlett", "FiniteDifference",

@@ -48,7 +48,7 @@ import torch
 from .._checks import check_positive_int
 from .._progress import progress_bar
 from ..operators import as_operator
-from ..probes import GeneratorLike, generator_for, probe
+from ..probes import GeneratorLike, generator_for
 from ..results import EigenResult
 from .lanczos import LanczosIteration, accumulation_dtype
 
@@ -149,7 +149,8 @@ def top_eigenvalues(
     Returns:
         :class:`hessopt.EigenResult`: ``eigenvalues`` (float64, ordered by ``which``: descending
         for ``"largest"``), ``eigenvectors`` (``(n, k)``, in the accumulation dtype: float32 for a
-        float16/bfloat16 operator, else the operator's dtype), ``residuals``, ``error_bounds``,
+        float16/bfloat16 operator, else the operator's dtype; on a sharded operator this
+        process's ``(local_size, k)`` rows), ``residuals``, ``error_bounds``,
         ``num_matvecs``, ``converged``.
 
     Example:
@@ -385,7 +386,7 @@ def _power_eigs(op, k, which, tol, budget, generator, progress):
         values.append(math.nan)
         residuals.append(math.inf)
         bounds.append(math.inf)
-        found.append(torch.full((op.num_params,), math.nan, dtype=acc, device=op.device))
+        found.append(torch.full((op.local_size,), math.nan, dtype=acc, device=op.device))
         all_converged = False
     vals = torch.tensor(values, dtype=torch.float64)
     res = torch.tensor(residuals, dtype=torch.float64)
@@ -418,15 +419,15 @@ def _power_one(op, V, sign, shift, tol, budget, gen, watch: bool = False, acc=No
     state = {"scale": 0.0} if state is None else state
 
     def deflate(x):
-        return x if V is None else x - V @ (V.T @ x)
+        return x if V is None else x - V @ op.reduce_sum(V.T @ x)
 
     def apply(x):
         return (op @ x.to(op.dtype)).to(acc)
 
     # Gaussian: after deflation a sign vector can be exactly orthogonal to the rest of a multiple
     # eigenspace (structured matrices), which would skip the remaining copies.
-    v = deflate(probe(op.num_params, gen, dtype=acc, distribution="gaussian"))
-    v = v / torch.linalg.vector_norm(v)
+    v = deflate(op.probe(gen, dtype=acc, distribution="gaussian"))
+    v = v / op.norm(v)
     theta, r_true, used, rhos, residuals = math.nan, math.inf, 0, [], []
     while used < budget:
         Av_full = apply(v)
@@ -434,22 +435,22 @@ def _power_one(op, V, sign, shift, tol, budget, gen, watch: bool = False, acc=No
             Av_full = -Av_full  # not in place: the product may alias its input
         used += 1
         Av = deflate(Av_full)
-        theta = float(torch.dot(Av, v))
+        theta = op.dot(Av, v)
         state["scale"] = max(state["scale"], abs(theta))
-        r_true = float(torch.linalg.vector_norm(Av_full - theta * v))
-        r = float(torch.linalg.vector_norm(Av - theta * v))
+        r_true = op.norm(Av_full - theta * v)
+        r = op.norm(Av - theta * v)
         noise = _product_noise(op, state["scale"])
         target = max(tol * max(abs(theta), 1e-300) - noise, 2 * noise)
         if r <= target:
             return v, theta, r_true, r + noise <= tol * max(abs(theta), 1e-300), used, None
-        rhos.append(float(torch.linalg.vector_norm(Av)))
+        rhos.append(op.norm(Av))
         residuals.append(r)
         if watch and r > 8 * noise and _stalled(rhos, residuals):
             return v, theta, r_true, False, used, rhos[-1]
         if used == budget:
             break
         w = Av + shift * v
-        v = w / torch.linalg.vector_norm(w)
+        v = w / op.norm(w)
     return v, theta, r_true, False, used, None
 
 

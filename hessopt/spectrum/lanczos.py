@@ -32,6 +32,12 @@ vectors are actually orthogonalized in. (Scaling it by float16's epsilon, as bef
 the next vector (the residual of the last one), and the residuals of chains ended by a restart;
 no full-length vector is allocated per step except the operator's own output (and its copy into
 the buffer), and no full-length vector is ever copied to float64.
+
+**Shards.** Every inner product goes through the operator's vector space
+(:meth:`hessopt.operators.CurvatureOperator.dot`, ``norm``, ``reduce_sum``, ``probe``): on a sharded
+operator (FSDP2) the buffer holds this process's ``local_size`` entries of each vector, each
+Gram-Schmidt pass is one ``all_reduce`` of its ``m`` coefficients, and the small matrices are the
+same on every process.
 """
 from __future__ import annotations
 
@@ -43,7 +49,7 @@ import torch
 from .._checks import check_positive_int
 from .._progress import progress_bar
 from ..operators import CurvatureOperator, as_operator
-from ..probes import GeneratorLike, generator_for, probe
+from ..probes import GeneratorLike, generator_for
 from ..results import LanczosResult
 
 __all__ = ["lanczos", "LanczosIteration", "accumulation_dtype"]
@@ -93,8 +99,8 @@ class LanczosIteration:
         restart: bool = False,
     ):
         self.op = op
-        n = op.num_params
-        self.max_steps = min(int(max_steps), n)
+        n = op.local_size  # this process's entries of each vector (all of them unless sharded)
+        self.max_steps = min(int(max_steps), op.num_params)
         self.restart_on_breakdown = restart
         self.dtype = accumulation_dtype(op.dtype)
         self._gen = generator_for(op, generator)
@@ -117,7 +123,7 @@ class LanczosIteration:
                 got = v0.numel() if isinstance(v0, torch.Tensor) else type(v0).__name__
                 raise ValueError(f"v0 must have {n} entries, got {got}")
             first.copy_(v0.detach().reshape(-1))
-        norm = float(torch.linalg.vector_norm(first))
+        norm = op.norm(first)
         if not norm > 0 or not math.isfinite(norm):
             raise ValueError("v0 must be a nonzero vector with finite entries")
         first.div_(norm)
@@ -145,7 +151,7 @@ class LanczosIteration:
         return self.size >= self.capacity
 
     def _random_vector(self, distribution: str = "rademacher") -> torch.Tensor:
-        return probe(self.op.num_params, self._gen, dtype=self.dtype, distribution=distribution)
+        return self.op.probe(self._gen, dtype=self.dtype, distribution=distribution)
 
     def _tiny(self) -> float:
         return 1e3 * torch.finfo(self.dtype).eps * max(self._anorm, 1e-300)
@@ -156,16 +162,17 @@ class LanczosIteration:
         Classical Gram-Schmidt on the stacked basis; a further pass only when a pass removed more
         than ``1 - 1/sqrt(2)`` of the norm (DGKS). Returns the final norm of ``w`` (a float).
         """
-        norm = float(torch.linalg.vector_norm(w))
+        op = self.op
+        norm = op.norm(w)
         if m == 0:
             return norm
         V = self._rows[:m]
         for _ in range(passes):
-            c = torch.mv(V, w)
+            c = op.reduce_sum(torch.mv(V, w))
             w.addmv_(V.T, c, alpha=-1.0)
             if coefficients is not None:
                 coefficients += c.to(device="cpu", dtype=torch.float64)
-            before, norm = norm, float(torch.linalg.vector_norm(w))
+            before, norm = norm, op.norm(w)
             if norm > _DGKS * before:
                 break
         return norm
@@ -178,7 +185,7 @@ class LanczosIteration:
         v = self._rows[j]
         if self._ends:  # ended chains' residuals lose their component along the new basis vector
             E = self._rows[self._top:]
-            E.addr_(torch.mv(E, v), v, alpha=-1.0)
+            E.addr_(self.op.reduce_sum(torch.mv(E, v)), v, alpha=-1.0)
         if self._cast is None:
             out = self.op @ v
         else:
@@ -190,11 +197,11 @@ class LanczosIteration:
         coefficients = torch.zeros(j + 1, dtype=torch.float64)
         # the three-term step, then the full pass corrects its rounding (coefficients summed in float64)
         if out.dtype == self.dtype:
-            alpha = float(torch.dot(out, v))
+            alpha = self.op.dot(out, v)
             torch.sub(out, v, alpha=alpha, out=w)  # copy into the buffer and first step in one pass
         else:
             w.copy_(out)  # the product cast up to the accumulation dtype
-            alpha = float(torch.dot(w, v))
+            alpha = self.op.dot(w, v)
             w.sub_(v, alpha=alpha)
         del out
         coefficients[j] = alpha
@@ -240,7 +247,7 @@ class LanczosIteration:
         # (1, -1, 0, ..) in a multiple eigenspace of a diagonal matrix); a Gaussian one almost never.
         fresh = self._rows[j]
         fresh.copy_(self._random_vector("gaussian"))
-        start = float(torch.linalg.vector_norm(fresh))
+        start = self.op.norm(fresh)
         norm = self._project_out(fresh, j)
         if norm <= 1e3 * torch.finfo(self.dtype).eps * start:
             self.exhausted = True
@@ -269,9 +276,9 @@ class LanczosIteration:
         if self._ends:
             E = self._rows[self._top:]
             cols = list(self._ends)
-            gram = (E @ E.T).to(device="cpu", dtype=torch.float64)
+            gram = self.op.reduce_sum(E @ E.T).to(device="cpu", dtype=torch.float64)
             if live > 0:  # the live chain's column: live * (the next vector, unit norm)
-                cross = (torch.mv(E, self._rows[m]) * live).to(device="cpu", dtype=torch.float64)
+                cross = (self.op.reduce_sum(torch.mv(E, self._rows[m])) * live).to(device="cpu", dtype=torch.float64)
                 gram = torch.cat([torch.cat([gram, cross[:, None]], 1),
                                   torch.cat([cross, torch.tensor([live * live], dtype=torch.float64)])[None]], 0)
                 cols.append(m - 1)

@@ -155,7 +155,7 @@ def dcp_resume(out: Path, local_batches):
 
 def gnb_fixed_labels(local_batch, labels):
     """The Gauss-Newton-Bartlett estimate for given labels on the sharded model, gathered."""
-    from hessopt.optim._sharded import Sharding, like
+    from hessopt._sharded import Sharding, like
 
     model = build_model(shard=True)
     params = list(model.parameters())

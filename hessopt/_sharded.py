@@ -1,4 +1,5 @@
-r"""The optimizers on sharded parameters: FSDP2's ``fully_shard`` (DTensor parameters on a 1-D mesh).
+r"""Sharded parameters: FSDP2's ``fully_shard`` (DTensor parameters on a 1-D mesh), for the optimizers
+and the operators (:mod:`hessopt.operators._sharded_model`).
 
 Under FSDP2 every parameter is a :class:`torch.distributed.tensor.DTensor` whose rank-local part is
 its ``Shard(0)`` chunk (``torch.chunk`` semantics: the last chunks may be shorter or empty), and its
@@ -27,7 +28,8 @@ from typing import Any, List, Optional, Sequence
 
 import torch
 
-__all__ = ["is_dtensor", "local", "Sharding", "sharding_of", "check_sharded_parameter", "SHARDED_NEEDS_FIRST_ORDER"]
+__all__ = ["is_dtensor", "local", "Sharding", "sharding_of", "check_sharded_parameter", "SHARDED_NEEDS_FIRST_ORDER",
+           "fsdp_modules", "reshard"]
 
 #: the message for a double-backward source on sharded parameters (the prefix is what tests match)
 SHARDED_NEEDS_FIRST_ORDER = (
@@ -142,7 +144,7 @@ class Sharding:
 
     def probe(self, p: torch.Tensor, generator: torch.Generator, distribution: str) -> torch.Tensor:
         """This rank's chunk of a full-size probe for ``p`` (every rank draws the same full probe)."""
-        from ..probes import probe
+        from .probes import probe
 
         lp = local(p)
         full = probe(tuple(p.shape), generator, dtype=lp.dtype, device=lp.device, distribution=distribution)
@@ -161,6 +163,26 @@ class Sharding:
         finally:
             for p, g in zip(params, kept):
                 p.grad = g
+
+
+def fsdp_modules(model: torch.nn.Module) -> List[torch.nn.Module]:
+    """The modules of ``model`` that ``fully_shard`` was applied to (none for a plain model)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def reshard(modules: Sequence[torch.nn.Module]) -> None:
+    """Put FSDP2 modules back in their sharded state (DTensor parameters registered).
+
+    A forward without a backward (``torch.no_grad()``, an evaluation) leaves the root module's
+    unsharded parameters registered (FSDP2 keeps them for the backward it expects), so
+    ``model.parameters()`` would yield plain tensors until the next forward. Free of communication.
+    """
+    for m in modules:
+        m.reshard()
 
 
 def sharding_of(params: Sequence[torch.Tensor]) -> Optional[Sharding]:
