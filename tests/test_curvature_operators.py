@@ -67,6 +67,58 @@ def test_finite_difference_matches_the_exact_hvp_to_its_truncation_error():
     assert _rel(quad @ w, hessopt.HessianOperator(linear, nn.MSELoss(), (x, y)) @ w) < 1e-12
 
 
+def _relu_net():
+    """16 -> 128 -> 128 -> 10 with an in-place ReLU and a leaky ReLU. With 1024 samples and the probe
+    of seed 8 the default step crosses kinks (whether it does is a matter of luck: with seed 9 it
+    does not); the unfrozen difference is then 164x the product's size (measured)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 128), nn.ReLU(inplace=True), nn.Linear(128, 128), nn.LeakyReLU(0.1),
+                         nn.Linear(128, 10)).to(DT)
+
+
+def test_finite_difference_freezes_relu_patterns_so_kinks_do_not_count():
+    model = _relu_net()
+    x, y = _randn(1024, 16, seed=7), torch.arange(1024) % 10
+    exact = hessopt.HessianOperator(model, nn.CrossEntropyLoss(), (x, y))
+    v = _randn(exact.num_params, seed=8)
+    fd = hessopt.HessianOperator(model, nn.CrossEntropyLoss(), (x, y), method="finite_difference")
+    assert _rel(fd @ v, exact @ v) < 1e-8
+    # the control: the same differences without the frozen pattern pick up the kinks crossed
+    raw = hessopt.HessianOperator(model, nn.CrossEntropyLoss(), (x, y), method="finite_difference")
+    raw._piecewise = False
+    assert _rel(raw @ v, exact @ v) > 1.0
+    # the pattern kept for the single batch follows the parameters: change them in place, and the
+    # next product is the new point's (an optimizer step bumps the version counters)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    exact.clear_cache()
+    assert _rel(fd @ v, exact @ v) < 1e-8
+    # over several batches the pattern is recorded per batch
+    data = [(x[:600], y[:600]), (x[600:], y[600:])]
+    many = hessopt.HessianOperator(model, nn.CrossEntropyLoss(), data, method="finite_difference")
+    assert _rel(many @ v, hessopt.HessianOperator(model, nn.CrossEntropyLoss(), data) @ v) < 1e-8
+
+
+def test_frozen_activations_replays_in_call_order_and_refuses_a_different_model():
+    from hessopt._patches import PatternMismatch, frozen_activations
+
+    x = _randn(5, 4, seed=9)
+    with frozen_activations() as masks:
+        torch.relu(x)
+        F.leaky_relu(x, 0.2)
+    assert [m.dtype for m in masks] == [torch.bool, torch.bool] and torch.equal(masks[0], x > 0)
+    moved = x + 0.3
+    with frozen_activations(masks):
+        a = torch.relu(moved)
+        b = F.leaky_relu(moved, 0.2)
+    torch.testing.assert_close(a, moved * masks[0])
+    torch.testing.assert_close(b, torch.where(masks[1], moved, 0.2 * moved))
+    with pytest.raises(PatternMismatch, match="1 activation calls replayed, 2 recorded"):
+        with frozen_activations(masks):
+            torch.relu(moved)
+
+
 @pytest.mark.parametrize("bn_mode", ["eval", "train"])
 def test_finite_difference_restores_weights_bit_exactly_and_leaves_the_model_alone(bn_mode, snapshot, assert_unchanged):
     model, (x, y) = _bn_net(), _data()

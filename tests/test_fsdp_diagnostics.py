@@ -113,6 +113,7 @@ def test_curvature_summary_equals_one_process(ranks):
 def test_model_left_as_found(ranks):
     for r in ranks:
         assert r["weights_unchanged"] and r["weights_unchanged_after_nan"]
+        assert r["versions_unchanged"]  # moved and restored through .data: a graph the user holds stays valid
         assert r["grads_unchanged"]  # the user's .grad of every parameter, bit for bit
         assert r["params_are_the_dtensors"]  # model.parameters() still yields the sharded DTensors
 

@@ -347,10 +347,13 @@ class ModelOperator(CurvatureOperator):
             raise ValueError(f"loss_fn must return a scalar mean loss, got {shape}; use reduction='mean'")
         return loss
 
-    def _forward_loss(self, batch: Any) -> Tuple[torch.Tensor, int]:
-        """One batch's mean loss (with its graph) in the operator's mode, and the batch size."""
+    def _forward_loss(self, batch: Any, second_order: bool = True) -> Tuple[torch.Tensor, int]:
+        """One batch's mean loss (with its graph) in the operator's mode, and the batch size;
+        ``second_order=False`` for products that need first-order gradients only (PyTorch's own
+        kernels then, not :func:`hessopt.second_order_safe`'s routes)."""
         batch, n = self._prepare(batch)
-        with operator_mode(self.model, self.bn_mode), second_order_safe():
+        safe = second_order_safe() if second_order else contextlib.nullcontext()
+        with operator_mode(self.model, self.bn_mode), safe:
             loss = self._check_loss(_batches.evaluate_loss(self.model, self.loss_fn, batch, self.loss_form))
         # sharded: a non-finite loss is caught by the agreed check of the product (every process
         # raises together) instead of by this process alone, which would leave the others waiting

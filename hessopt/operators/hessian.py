@@ -1,13 +1,15 @@
 r""":class:`HessianOperator`: the Hessian of a model's mean loss over one batch or a data set."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from .._patches import frozen_activations
 from ..hvp import _hvp_forward_over_reverse, _hvp_from_grads, gradients_with_graph
-from .._sharded import local
+from .._sharded import local, reshard
 from ._model import ModelOperator, ParamSpec, operator_mode
 from ._sharded_model import NEEDS_FINITE_DIFFERENCES
 from .base import flatten
@@ -62,7 +64,16 @@ class HessianOperator(ModelOperator):
             in float32, at unit third-derivative scale). The parameters are written in place
             (through ``p.data``, so no version counter changes and a graph the user holds stays
             valid) and restored bit-exactly afterwards by copying the saved tensors back, never
-            by subtracting :math:`\epsilon v`.
+            by subtracting :math:`\epsilon v`. **Piecewise-linear activations** (ReLU, leaky ReLU):
+            both gradients are taken with the on/off pattern of the units frozen at :math:`\theta`
+            (recorded by one forward pass without gradient, kept between products of a single
+            batch while the parameters are unchanged; :func:`hessopt._patches.frozen_activations`),
+            so the difference is that of the polynomial the network is on its piece, whose Hessian
+            is the one autograd computes; without this, every unit whose kink lies between
+            :math:`\theta \pm \epsilon v` adds the gradient's jump divided by :math:`2\epsilon`,
+            an error that does not shrink with :math:`\epsilon` (measured on a 1.9M-parameter
+            ReLU MLP: 331x the product). Max pooling, ``hardtanh``/``relu6`` and other kinks are
+            not frozen.
 
     Attributes:
         params, param_names, shapes, num_params, dtype, device.
@@ -109,10 +120,15 @@ class HessianOperator(ModelOperator):
         self.fd_step = float(fd_step) if fd_step is not None else torch.finfo(self.dtype).eps ** (1.0 / 3.0)
         self.method = method
         self._cache: Optional[List[Tuple[List[Optional[torch.Tensor]], float]]] = None
+        # finite differences: the activation pattern at theta (single batch), keyed by the
+        # parameters' version counters; False once a forward showed no piecewise-linear activation
+        self._pattern: Optional[Tuple[Tuple[int, ...], List[torch.Tensor]]] = None
+        self._piecewise = True
 
     def clear_cache(self) -> None:
-        """Drop the cached gradient graph (call after changing the parameters)."""
+        """Drop the cached gradient graph and activation pattern (call after changing the parameters)."""
         self._cache = None
+        self._pattern = None
 
     def _batch_grads(self, batch: Any) -> Tuple[List[Optional[torch.Tensor]], float, torch.Tensor]:
         loss, n = self._forward_loss(batch)
@@ -149,14 +165,34 @@ class HessianOperator(ModelOperator):
     # -- finite differences ------------------------------------------------------------------------
 
     def _plain_gradient(self, batch: Any) -> Tuple[List[torch.Tensor], float]:
-        loss, n = self._forward_loss(batch)
+        loss, n = self._forward_loss(batch, second_order=False)
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         return [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)], float(n)
 
     def _sharded_gradient(self, batch: Any, weight: float) -> Tuple[List[torch.Tensor], float]:
         """This process's chunks of the weighted, process-averaged gradient (already weighted: 1)."""
-        loss, _ = self._forward_loss(batch)
+        loss, _ = self._forward_loss(batch, second_order=False)
         return self._shards.gradient(loss * weight, self.params, self.model), 1.0
+
+    def _activation_pattern(self, batch: Any) -> Optional[List[torch.Tensor]]:
+        """The ReLU / leaky-ReLU on/off pattern at the current parameters for ``batch`` (``None``: the
+        model has none), by one forward pass without gradient; kept for a single batch while no
+        parameter changed (their version counters; the finite-difference moves bypass them)."""
+        if not self._piecewise:
+            return None
+        key = tuple(local(p)._version for p in self.params)
+        if self._single and self._pattern is not None and self._pattern[0] == key:
+            return self._pattern[1]
+        with torch.no_grad(), frozen_activations() as masks:
+            self._forward_loss(batch, second_order=False)
+        if self.is_sharded:
+            reshard(self._shards.fsdp_modules)  # a forward without backward leaves the root unsharded
+        if not masks:
+            self._piecewise = False
+            return None
+        if self._single:
+            self._pattern = (key, masks)
+        return masks
 
     def _finite_differences(self, vectors: List[torch.Tensor]) -> Iterator[Tuple[List[torch.Tensor], float]]:
         # on sharded parameters everything below is on this process's chunks (``local``), the norms
@@ -179,17 +215,19 @@ class HessianOperator(ModelOperator):
             # user holds over these parameters is still valid once they are restored
             with torch.no_grad():
                 for p, s, v in zip(self.params, saved, vectors):
-                    local(p.data).copy_(s + (sign * eps) * v)
+                    local(p).data.copy_(s + (sign * eps) * v)
 
-        def gradient(i: int, batch: Any) -> Tuple[List[torch.Tensor], float]:
-            return self._plain_gradient(batch) if weights is None else self._sharded_gradient(batch, weights[i])
+        def gradient(i: int, batch: Any, pattern) -> Tuple[List[torch.Tensor], float]:
+            with contextlib.nullcontext() if pattern is None else frozen_activations(pattern):
+                return self._plain_gradient(batch) if weights is None else self._sharded_gradient(batch, weights[i])
 
         try:
             for i, batch in enumerate(self._batches()):
+                pattern = self._activation_pattern(batch)
                 move(+1.0)
-                plus, n = gradient(i, batch)
+                plus, n = gradient(i, batch, pattern)
                 move(-1.0)
-                minus, _ = gradient(i, batch)
+                minus, _ = gradient(i, batch, pattern)
                 self._restore(saved)
                 yield [(a - b) / (2.0 * eps) for a, b in zip(plus, minus)], n
         finally:
@@ -198,4 +236,4 @@ class HessianOperator(ModelOperator):
     def _restore(self, saved: List[torch.Tensor]) -> None:
         with torch.no_grad():
             for p, s in zip(self.params, saved):
-                local(p.data).copy_(s)
+                local(p).data.copy_(s)

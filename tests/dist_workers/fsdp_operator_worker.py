@@ -91,6 +91,7 @@ def diagnostics(rank):
     for p in params:
         p.grad = torch.full_like(p, 0.25)
     before = [p.to_local().clone() for p in params]
+    versions = [p.to_local()._version for p in params]
     grads_before = [p.grad.to_local().clone() for p in params]
 
     v = torch.randn(op.num_params, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
@@ -137,6 +138,7 @@ def diagnostics(rank):
     out["summary_exact"] = {k: getattr(summary_exact, k) for k in keys}
     out["refuse_sensitivity"] = refusal(lambda: hessopt.analysis.hessian_sensitivity(op, num_probes=2))
     out["weights_unchanged"] = all(torch.equal(a, p.to_local()) for a, p in zip(before, params))
+    out["versions_unchanged"] = versions == [p.to_local()._version for p in params]
     out["grads_unchanged"] = all(torch.equal(a, p.grad.to_local()) for a, p in zip(grads_before, params))
     out["params_are_the_dtensors"] = all(a is b for a, b in zip(params, model.parameters()))
 
