@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Se
 import torch
 
 from .._checks import check_positive_int
-from .._patches import capture_cross_entropy, graph_building_backward
+from .._patches import PatternMismatch, capture_cross_entropy, frozen_activations, graph_building_backward
 from ..hvp import second_order_safe
 from ._multi_tensor import commit_parameter_updates, finite_flags, interrupts_held
 from .._sharded import Sharding, check_sharded_parameter, is_dtensor, like, local, sharding_of
@@ -93,6 +93,13 @@ _FUSED_ATTENTION = (
     "first-order curvature source (curvature='gnb' or 'finite_difference')."
 )
 
+_PATTERN_MISMATCH = (
+    "curvature='finite_difference': the closure's ReLU / leaky-ReLU calls at the perturbed weights differ "
+    "from those of the step's own evaluation (data-dependent control flow), so their on/off pattern "
+    "could not be kept fixed; the differences are taken of the network as it is, and a unit whose kink "
+    "lies within the step adds its gradient's jump divided by the step. Shown once per optimizer."
+)
+
 _NEEDS_CLOSURE = (
     "curvature={source!r} needs the closure on curvature steps ({why}): call opt.step(closure) "
     "with the standard closure (zero_grad, forward, loss.backward(), return loss)"
@@ -122,6 +129,8 @@ class _ClosureRun:
     closure: Optional[Callable[[], Any]] = None
     rng_before: Optional[list] = None
     rng_after: Optional[list] = None
+    #: the ReLU / leaky-ReLU on/off pattern of the step's own evaluation (sources that re-evaluate)
+    activations: List[torch.Tensor] = field(default_factory=list)
 
 
 class CurvatureOptimizer(torch.optim.Optimizer):
@@ -288,6 +297,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise
         finally:
             run.captures.clear()  # the captured logits hold the forward graph
+            run.activations.clear()
             self._release_graphs()
         loss = run.loss
         return loss.detach() if isinstance(loss, torch.Tensor) else loss
@@ -309,8 +319,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if due and source.needs_closure:
                 devices = self._devices()
                 before = _rng_states(devices)
-                loss = closure()
-                return _ClosureRun(loss=loss, closure=closure, rng_before=before, rng_after=_rng_states(devices))
+                # the pattern at theta, which the re-evaluations replay (see _gradients_again)
+                with frozen_activations() as activations:
+                    loss = closure()
+                return _ClosureRun(loss=loss, closure=closure, rng_before=before, rng_after=_rng_states(devices),
+                                   activations=activations)
             return _ClosureRun(loss=closure())
 
     def _devices(self) -> List[torch.device]:
@@ -423,18 +436,32 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return raw
 
     def _gradients_again(self, run: _ClosureRun, params: List[torch.Tensor]) -> Callable[[], List[torch.Tensor]]:
-        """Evaluate the closure again at the current weights, with the step's own random numbers;
-        return the gradients of ``params`` and put the step's own gradients and RNG back."""
+        """Evaluate the closure again at the current weights, with the step's own random numbers and
+        its ReLU / leaky-ReLU on/off pattern (:func:`hessopt._patches.frozen_activations`: a
+        difference of gradients across a kink would count the gradient's jump divided by the
+        step); return the gradients of ``params`` and put the step's own gradients and RNG back."""
+
+        def evaluate(pattern) -> None:
+            _set_rng_states(self._devices(), run.rng_before)
+            with torch.enable_grad(), contextlib.nullcontext() if pattern is None else frozen_activations(pattern):
+                run.closure()
 
         def again() -> List[torch.Tensor]:
             kept = [p.grad for p in params]
             devices = self._devices()
             for p in params:
                 p.grad = None
-            _set_rng_states(devices, run.rng_before)
             try:
-                with torch.enable_grad():
-                    run.closure()
+                try:
+                    evaluate(run.activations or None)
+                except PatternMismatch:
+                    # the closure calls its activations differently each time (data-dependent
+                    # control flow): differences of the unfrozen network, said once
+                    self._warn_once("pattern", _PATTERN_MISMATCH)
+                    for p in params:
+                        p.grad = None
+                    run.activations = []
+                    evaluate(None)
                 return [torch.zeros_like(local(p)) if p.grad is None else local(p.grad.detach()) for p in params]
             finally:
                 for p, g in zip(params, kept):
