@@ -85,7 +85,7 @@ def test_finite_difference_freezes_relu_patterns_so_kinks_do_not_count():
     assert _rel(fd @ v, exact @ v) < 1e-8
     # the control: the same differences without the frozen pattern pick up the kinks crossed
     raw = hessopt.HessianOperator(model, nn.CrossEntropyLoss(), (x, y), method="finite_difference")
-    raw._piecewise = False
+    raw._fd.piecewise = False
     assert _rel(raw @ v, exact @ v) > 1.0
     # the pattern kept for the single batch follows the parameters: change them in place, and the
     # next product is the new point's (an optimizer step bumps the version counters)

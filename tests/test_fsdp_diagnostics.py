@@ -3,7 +3,8 @@
 The worker (tests/dist_workers/fsdp_operator_worker.py) builds ``HessianOperator(method=
 "finite_difference")`` on fsdp_worker's sharded float64 net (74 parameters, uneven chunks, one empty
 on rank 1) with uneven data shards (rank 0: 7 + 2 samples, rank 1: 3 + 4), and on every rank a
-one-process reference with all 16 samples: the exact (double-backward) Hessian and its dense matrix.
+one-process reference with all 16 samples: the exact (double-backward) Hessian and its dense matrix,
+and the dense GGN for ``GGNOperator(method="finite_difference")`` on the sharded model.
 
 Tolerance. Central differences in float64 with the default step ``r = eps^(1/3)`` (6.1e-6) have a
 relative error of order ``eps^(2/3)`` ~ 4e-11 at unit third-derivative scale (the step's docstring);
@@ -101,6 +102,13 @@ def test_trace_diagonal_density_and_solve_equal_one_process(ranks):
     assert ranks[0]["hutchpp"].estimate == ranks[1]["hutchpp"].estimate  # every rank reports the same
 
 
+def test_ggn_by_finite_differences_equals_the_dense_one_process_ggn(ranks):
+    for r in ranks:
+        assert _rel(r["ggn_product"], r["ggn_product_exact"]) < TOL
+        torch.testing.assert_close(r["ggn_top"], r["ggn_top_exact"], rtol=TOL, atol=0)
+        assert abs(r["ggn_trace_fixed"] - r["ggn_trace_fixed_exact"]) < TOL * abs(r["ggn_trace_fixed_exact"])
+
+
 def test_curvature_summary_equals_one_process(ranks):
     for r in ranks:
         got, want = r["summary"], r["summary_exact"]
@@ -122,7 +130,8 @@ def test_what_needs_double_backward_is_refused_naming_what_works(ranks):
     r = ranks[0]
     for key in ("refuse_reverse", "refuse_ggn", "refuse_fisher"):
         assert r[key].startswith("TypeError: ") and "sharded DTensor parameters (FSDP2's fully_shard)" in r[key]
-        assert "method='finite_difference'" in r[key]
+        assert "HessianOperator(model, loss_fn, data, method='finite_difference')" in r[key]
+        assert "GGNOperator(model, loss_fn, data, method='finite_difference')" in r[key]
     assert r["refuse_dense"].startswith("TypeError: to_dense() needs every entry")
     assert "length 45 (this process's shard of the 74 entries)" in r["refuse_wrong_length"]
 

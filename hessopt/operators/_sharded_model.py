@@ -5,7 +5,9 @@ plain ``backward()`` leaves in ``p.grad`` this process's chunk of the gradient *
 processes* (FSDP's reduce-scatter). ``torch.autograd.grad`` cannot reach the shards (the unsharded
 parameters that the forward uses are rebuilt from them outside autograd), so only first-order
 products work: :class:`hessopt.HessianOperator` with ``method="finite_difference"`` (two gradients
-per product at :math:`\theta \pm \epsilon v`). What this module adds to a model operator:
+per product at :math:`\theta \pm \epsilon v`) and :class:`hessopt.GGNOperator` with
+``method="finite_difference"`` (the outputs at :math:`\theta \pm \epsilon v`, then one backward).
+What this module adds to a model operator:
 
 * **Vectors are shards.** A vector of the operator is the concatenation of this process's chunks
   of the per-parameter blocks (``local_size`` entries; ``num_params`` stays the global dimension),
@@ -47,8 +49,9 @@ NEEDS_FINITE_DIFFERENCES = (
     "{name} got sharded DTensor parameters (FSDP2's fully_shard): under FSDP2 the gradient reaches "
     "the shards through FSDP's reduce-scatter, outside autograd, so {what} cannot be computed through "
     "them. Use hessopt.HessianOperator(model, loss_fn, data, method='finite_difference') (two "
-    "first-order gradients per product; products and vectors stay sharded), or build the operator on "
-    "an unsharded copy of the model; see docs/distributed.md"
+    "first-order gradients per product) or hessopt.GGNOperator(model, loss_fn, data, "
+    "method='finite_difference') (two forwards and a backward): their products and vectors stay "
+    "sharded; or build the operator on an unsharded copy of the model; see docs/distributed.md"
 )
 
 

@@ -20,6 +20,14 @@ backward pass). Nothing is differentiated twice through the network, so fused ke
 double backward are no obstacle (attention runs the composite kernel in the forward-mode pass,
 which fused kernels do not support).
 
+``method="finite_difference"`` takes the Jacobian-vector product as a central difference of the
+outputs, :math:`Jv \approx (f(\theta+\epsilon v) - f(\theta-\epsilon v)) / 2\epsilon` (two forward
+passes without gradient, the step rule and frozen ReLU patterns of
+:mod:`hessopt.operators._finite_difference`), and :math:`J^\top u` as the gradient of
+:math:`\langle f(\theta), u\rangle` by a plain backward: no ``torch.func`` at all, so it runs on
+FSDP2-sharded models (products and vectors sharded, FSDP averaging the backward) and on kernels
+without forward-mode derivatives.
+
 Closed forms (per batch, :math:`u = Jv` shaped like the outputs):
 
 * cross-entropy over classes in dimension 1 (``nn.CrossEntropyLoss``/``F.cross_entropy``,
@@ -41,9 +49,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _batches
+from .._sharded import local, reshard
+from ._finite_difference import Perturbation, check_fd_step
 from ._model import ModelOperator, ParamSpec, _call_args, operator_mode
+from ._sharded_model import NEEDS_FINITE_DIFFERENCES
 
-__all__ = ["GGNOperator", "loss_hessian_product"]
+__all__ = ["GGNOperator", "loss_hessian_product", "GGN_METHODS"]
+
+#: how :class:`GGNOperator` computes the Jacobian-vector product (its ``method=``)
+GGN_METHODS = ("jvp", "finite_difference")
 
 _NAMED_LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
 
@@ -149,6 +163,11 @@ class GGNOperator(ModelOperator):
         cache_graph: keep each batch's backward graph between products (one forward-mode pass and
             one backward per product instead of two forwards and a backward). Default: on for a
             single batch. Call :meth:`clear_cache` after changing the parameters.
+        method: ``"jvp"`` (default: forward-mode ``torch.func.jvp``) or ``"finite_difference"``
+            (central differences of the outputs and a plain backward; the one that works on
+            ``fully_shard``ed models; see the module docstring).
+        fd_step: the relative step of ``method="finite_difference"`` (default
+            :math:`\epsilon_{mach}^{1/3}`; as for :class:`hessopt.HessianOperator`).
 
     Example:
         >>> op = hessopt.GGNOperator(model, nn.CrossEntropyLoss(), (x, y))
@@ -156,6 +175,7 @@ class GGNOperator(ModelOperator):
     """
 
     _matrix_name = "GGN"
+    _may_shard = True  # with method="finite_difference" only (checked in __init__)
 
     def __init__(
         self,
@@ -171,7 +191,11 @@ class GGNOperator(ModelOperator):
         output_fn: Optional[Callable[[Any], torch.Tensor]] = None,
         loss_form: str = "outputs",
         batch_size: Optional[Callable[[Any], int]] = None,
+        method: str = "jvp",
+        fd_step: Optional[float] = None,
     ):
+        if method not in GGN_METHODS:
+            raise ValueError(f"method must be one of {GGN_METHODS}, got {method!r}")
         if isinstance(loss_fn, str):
             if loss_fn not in _NAMED_LOSSES:
                 raise ValueError(f"loss_fn names one of {sorted(_NAMED_LOSSES)} or is a callable, got {loss_fn!r}")
@@ -192,14 +216,26 @@ class GGNOperator(ModelOperator):
             raise TypeError("output_fn must be callable: outputs -> the tensor the loss is a function of")
         super().__init__(model, loss_fn, data, params=params, bn_mode=bn_mode, distributed=distributed,
                          progress=progress, loss_form=loss_form, batch_size=batch_size)
-        self._functional()  # parameters the model does not own cannot be swapped: refuse them now
+        if self.is_sharded and method != "finite_difference":
+            raise TypeError(NEEDS_FINITE_DIFFERENCES.format(
+                name="GGNOperator", what="its torch.func Jacobian-vector products (method='jvp')"))
+        if method == "jvp":
+            self._functional()  # parameters the model does not own cannot be swapped: refuse them now
+        self.method = method
         self.output_fn = _default_output if output_fn is None else output_fn
-        self.cache_graph = self._single if cache_graph is None else bool(cache_graph)
+        self.cache_graph = (self._single if cache_graph is None else bool(cache_graph)) and method == "jvp"
         self._cache: Optional[List[Tuple[Any, float]]] = None
+        self._fd = Perturbation(self, check_fd_step(fd_step, self.dtype))
+
+    @property
+    def fd_step(self) -> float:
+        """The relative step of ``method="finite_difference"``."""
+        return self._fd.fd_step
 
     def clear_cache(self) -> None:
-        """Drop the cached backward graphs (call after changing the parameters)."""
+        """Drop the cached backward graphs and activation pattern (call after changing the parameters)."""
         self._cache = None
+        self._fd.clear()
 
     def _output_function(self, batch: Any) -> Tuple[Callable[..., torch.Tensor], Any]:
         """``(z(*tensors), targets)``: the batch's output tensor as a pure function of the parameters."""
@@ -244,6 +280,9 @@ class GGNOperator(ModelOperator):
         yield from self._cache
 
     def _products(self, vectors: List[torch.Tensor]) -> Iterator[Tuple[List[torch.Tensor], float]]:
+        if self.method == "finite_difference":
+            yield from self._finite_difference_products(vectors)
+            return
         primals = tuple(p.detach() for p in self.params)
         tangents = tuple(v.detach() for v in vectors)
         for (z, targets, vjp_fn, f), n in self._linearizations():
@@ -252,6 +291,57 @@ class GGNOperator(ModelOperator):
             hu = loss_hessian_product(self.loss_fn, z, targets, jv.detach())
             products = vjp_fn(hu.to(z.dtype))
             yield [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, products)], n
+
+
+    # -- method="finite_difference" --------------------------------------------------------------
+
+    def _outputs(self, batch: Any) -> Tuple[torch.Tensor, Any]:
+        """``(z, targets)``: the model's output tensor on a prepared batch, in the operator's mode."""
+        if _batches.is_mapping_batch(batch):
+            inputs, targets = batch, batch
+        else:
+            inputs, targets = batch
+        with operator_mode(self.model, self.bn_mode):
+            z = self.output_fn(_batches.call_model(self.model, inputs))
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"output_fn must return a tensor, got {type(z).__name__}")
+        return z, targets
+
+    def _moved_outputs(self, batch: Any, sign: float, pattern) -> torch.Tensor:
+        """The outputs at ``theta + sign eps v`` (no gradient, the activation pattern replayed)."""
+        self._fd.move(sign)
+        with torch.no_grad(), self._fd.frozen(pattern):
+            z = self._outputs(batch)[0]
+        if self.is_sharded:
+            # a forward without backward leaves FSDP2's root unsharded: its next forward would reuse
+            # the parameters gathered at this point instead of gathering the moved ones
+            reshard(self._shards.fsdp_modules)
+        return z
+
+    def _finite_difference_products(self, vectors: List[torch.Tensor]) -> Iterator[Tuple[List[torch.Tensor], float]]:
+        """``J^T H_l (f(theta + eps v) - f(theta - eps v)) / 2 eps`` per batch (module docstring);
+        sharded: weighted by ``W n_rb / N`` before FSDP's averaged backward (as the Hessian's)."""
+        fd, weights = self._fd, (self._shards.weights(self) if self.is_sharded else None)
+        with fd.around(vectors) as eps:
+            for i, raw in enumerate(self._batches()):
+                batch, n = self._prepare(raw)
+                if eps is None:  # a zero vector
+                    yield [torch.zeros_like(local(p)) for p in self.params], 1.0 if weights is not None else float(n)
+                    continue
+                pattern = fd.pattern(batch, self._outputs)
+                plus = self._moved_outputs(batch, +1.0, pattern)
+                minus = self._moved_outputs(batch, -1.0, pattern)
+                fd.restore()
+                jv = (plus - minus) / (2.0 * eps)
+                with torch.enable_grad():
+                    z, targets = self._outputs(batch)
+                    hu = loss_hessian_product(self.loss_fn, z.detach(), targets, jv).to(z.dtype)
+                    surrogate = (z * hu).sum()  # its gradient is J^T H_l J v
+                    if weights is not None:
+                        yield self._shards.gradient(surrogate * weights[i], self.params, self.model), 1.0
+                        continue
+                    grads = torch.autograd.grad(surrogate, self.params, allow_unused=True)
+                yield [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)], float(n)
 
 
 def _math_attention():

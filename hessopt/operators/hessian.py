@@ -1,18 +1,16 @@
 r""":class:`HessianOperator`: the Hessian of a model's mean loss over one batch or a data set."""
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .._patches import frozen_activations
 from ..hvp import _hvp_forward_over_reverse, _hvp_from_grads, gradients_with_graph
-from .._sharded import local, reshard
+from .._sharded import local
+from ._finite_difference import Perturbation, check_fd_step
 from ._model import ModelOperator, ParamSpec, operator_mode
 from ._sharded_model import NEEDS_FINITE_DIFFERENCES
-from .base import flatten
 
 __all__ = ["HessianOperator", "HVP_METHODS"]
 
@@ -67,7 +65,7 @@ class HessianOperator(ModelOperator):
             by subtracting :math:`\epsilon v`. **Piecewise-linear activations** (ReLU, leaky ReLU):
             both gradients are taken with the on/off pattern of the units frozen at :math:`\theta`
             (recorded by one forward pass without gradient, kept between products of a single
-            batch while the parameters are unchanged; :func:`hessopt._patches.frozen_activations`),
+            batch while the parameters are unchanged; :mod:`hessopt.operators._finite_difference`),
             so the difference is that of the polynomial the network is on its piece, whose Hessian
             is the one autograd computes; without this, every unit whose kink lies between
             :math:`\theta \pm \epsilon v` adds the gradient's jump divided by :math:`2\epsilon`,
@@ -114,21 +112,19 @@ class HessianOperator(ModelOperator):
             self._functional()  # refuses parameters the model does not own, now rather than later
         if method != "reverse":
             self.cache_graph = False  # there is no graph to keep
-        if fd_step is not None and (isinstance(fd_step, bool) or not isinstance(fd_step, (int, float))
-                                    or not 0 < fd_step < 1):
-            raise ValueError(f"fd_step must be a number in (0, 1), got {fd_step!r}")
-        self.fd_step = float(fd_step) if fd_step is not None else torch.finfo(self.dtype).eps ** (1.0 / 3.0)
+        self._fd = Perturbation(self, check_fd_step(fd_step, self.dtype))
         self.method = method
         self._cache: Optional[List[Tuple[List[Optional[torch.Tensor]], float]]] = None
-        # finite differences: the activation pattern at theta (single batch), keyed by the
-        # parameters' version counters; False once a forward showed no piecewise-linear activation
-        self._pattern: Optional[Tuple[Tuple[int, ...], List[torch.Tensor]]] = None
-        self._piecewise = True
+
+    @property
+    def fd_step(self) -> float:
+        """The relative step :math:`r` of ``method="finite_difference"`` (see the class docstring)."""
+        return self._fd.fd_step
 
     def clear_cache(self) -> None:
         """Drop the cached gradient graph and activation pattern (call after changing the parameters)."""
         self._cache = None
-        self._pattern = None
+        self._fd.clear()
 
     def _batch_grads(self, batch: Any) -> Tuple[List[Optional[torch.Tensor]], float, torch.Tensor]:
         loss, n = self._forward_loss(batch)
@@ -174,66 +170,26 @@ class HessianOperator(ModelOperator):
         loss, _ = self._forward_loss(batch, second_order=False)
         return self._shards.gradient(loss * weight, self.params, self.model), 1.0
 
-    def _activation_pattern(self, batch: Any) -> Optional[List[torch.Tensor]]:
-        """The ReLU / leaky-ReLU on/off pattern at the current parameters for ``batch`` (``None``: the
-        model has none), by one forward pass without gradient; kept for a single batch while no
-        parameter changed (their version counters; the finite-difference moves bypass them)."""
-        if not self._piecewise:
-            return None
-        key = tuple(local(p)._version for p in self.params)
-        if self._single and self._pattern is not None and self._pattern[0] == key:
-            return self._pattern[1]
-        with torch.no_grad(), frozen_activations() as masks:
-            self._forward_loss(batch, second_order=False)
-        if self.is_sharded:
-            reshard(self._shards.fsdp_modules)  # a forward without backward leaves the root unsharded
-        if not masks:
-            self._piecewise = False
-            return None
-        if self._single:
-            self._pattern = (key, masks)
-        return masks
-
     def _finite_differences(self, vectors: List[torch.Tensor]) -> Iterator[Tuple[List[torch.Tensor], float]]:
-        # on sharded parameters everything below is on this process's chunks (``local``), the norms
-        # are global (one all_reduce each) and the gradients come from FSDP's averaged backward
-        saved = [local(p).detach().clone() for p in self.params]
-        theta = self.norm(flatten(saved)) if self.is_sharded else float(torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(s, dtype=torch.float64) for s in saved])))
-        v_norm = self.norm(flatten(vectors)) if self.is_sharded else float(torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(v, dtype=torch.float64) for v in vectors])))
-        weights = self._shards.weights(self) if self.is_sharded else None
-        if v_norm == 0.0:
+        """Central differences of gradients (see the class docstring and :mod:`._finite_difference`);
+        on sharded parameters on this process's chunks, from FSDP's averaged, weighted gradients."""
+        fd, weights = self._fd, (self._shards.weights(self) if self.is_sharded else None)
+
+        def gradient(i: int, batch: Any) -> Tuple[List[torch.Tensor], float]:
+            return self._plain_gradient(batch) if weights is None else self._sharded_gradient(batch, weights[i])
+
+        with fd.around(vectors) as eps:
             for i, batch in enumerate(self._batches()):
-                n = 1.0 if weights is not None else float(self._prepare(batch)[1])
-                yield [torch.zeros_like(s) for s in saved], n
-            return
-        eps = self.fd_step * max(theta, 1.0) / v_norm
-
-        def move(sign: float) -> None:
-            # through .data: the values change but not the version counters, so a graph that the
-            # user holds over these parameters is still valid once they are restored
-            with torch.no_grad():
-                for p, s, v in zip(self.params, saved, vectors):
-                    local(p).data.copy_(s + (sign * eps) * v)
-
-        def gradient(i: int, batch: Any, pattern) -> Tuple[List[torch.Tensor], float]:
-            with contextlib.nullcontext() if pattern is None else frozen_activations(pattern):
-                return self._plain_gradient(batch) if weights is None else self._sharded_gradient(batch, weights[i])
-
-        try:
-            for i, batch in enumerate(self._batches()):
-                pattern = self._activation_pattern(batch)
-                move(+1.0)
-                plus, n = gradient(i, batch, pattern)
-                move(-1.0)
-                minus, _ = gradient(i, batch, pattern)
-                self._restore(saved)
+                if eps is None:  # a zero vector
+                    yield [torch.zeros_like(local(p)) for p in self.params], (
+                        1.0 if weights is not None else float(self._prepare(batch)[1]))
+                    continue
+                pattern = fd.pattern(batch, lambda b: self._forward_loss(b, second_order=False))
+                fd.move(+1.0)
+                with fd.frozen(pattern):  # one replay per evaluation
+                    plus, n = gradient(i, batch)
+                fd.move(-1.0)
+                with fd.frozen(pattern):
+                    minus, _ = gradient(i, batch)
+                fd.restore()
                 yield [(a - b) / (2.0 * eps) for a, b in zip(plus, minus)], n
-        finally:
-            self._restore(saved)
-
-    def _restore(self, saved: List[torch.Tensor]) -> None:
-        with torch.no_grad():
-            for p, s in zip(self.params, saved):
-                local(p).data.copy_(s)

@@ -130,6 +130,15 @@ def diagnostics(rank):
     out["solve_exact"] = cut(torch.linalg.solve(H + torch.eye(op.num_params, dtype=H.dtype), exact.gradient()), params)
     out["solve_converged"] = solved.converged
 
+    # the GGN by finite differences of the outputs and FSDP's backward, against the dense one-process GGN
+    ggn = hessopt.GGNOperator(model, loss_fn, local_data(rank), method="finite_difference")
+    G = hessopt.GGNOperator(reference, loss_fn, data(), distributed=False).to_dense()
+    out["ggn_product"], out["ggn_product_exact"] = ggn @ cut(v, params), cut(G @ v, params)
+    out["ggn_top"] = hessopt.top_eigenvalues(ggn, k=2, tol=1e-9, generator=0).eigenvalues
+    out["ggn_top_exact"] = torch.linalg.eigvalsh(G).flip(0)[:2]
+    out["ggn_trace_fixed"] = hessopt.trace(ggn, method="hutchinson", probes=local_probes).estimate
+    out["ggn_trace_fixed_exact"] = float(torch.einsum("im,ij,jm->", probes, G, probes)) / probes.shape[1]
+
     # the analyses on top: a curvature summary (eigenvalues, trace, density, loss, gradient concentration)
     summary = hessopt.curvature_summary(op, k=2, trace_matvecs=12, density=True, density_steps=8, generator=0)
     summary_exact = hessopt.curvature_summary(exact, k=2, trace_matvecs=12, density=True, density_steps=8, generator=0)
@@ -144,7 +153,7 @@ def diagnostics(rank):
 
     # refusals: every one is raised before any collective, the same on every rank
     out["refuse_reverse"] = refusal(lambda: hessopt.HessianOperator(model, loss_fn, local_data(rank)))
-    out["refuse_ggn"] = refusal(lambda: hessopt.GGNOperator(model, loss_fn, local_data(rank)))
+    out["refuse_ggn"] = refusal(lambda: hessopt.GGNOperator(model, loss_fn, local_data(rank)))  # method="jvp"
     out["refuse_fisher"] = refusal(lambda: hessopt.EmpiricalFisherOperator(model, loss_fn, local_data(rank)))
     out["refuse_dense"] = refusal(op.to_dense)
     out["refuse_wrong_length"] = refusal(lambda: op @ torch.zeros(op.num_params, dtype=torch.float64))
