@@ -167,26 +167,35 @@ def test_differs_from_the_hessian_for_a_nonlinear_model():
     assert (G - H).abs().max() > 1e-3
 
 
-def test_hf_style_dict_batches_with_logits():
-    class Out(dict):
-        __getattr__ = dict.get
+class _Out(dict):
+    __getattr__ = dict.get
 
-    class TinyLM(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed, self.head = nn.Embedding(5, 3), nn.Linear(3, 5)
 
-        def forward(self, input_ids, labels=None):
-            return Out(logits=self.head(torch.tanh(self.embed(input_ids))))
+class TinyLM(nn.Module):
+    """A HuggingFace-style model: keyword inputs, outputs with ``.logits``."""
 
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(5, 3), nn.Linear(3, 5)
+
+    def forward(self, input_ids, labels=None):
+        return _Out(logits=self.head(torch.tanh(self.embed(input_ids))))
+
+
+def _tiny_lm():
     torch.manual_seed(0)
     model = TinyLM().to(DT)
     gen = torch.Generator().manual_seed(1)
     batch = {"input_ids": torch.randint(0, 5, (3, 4), generator=gen), "labels": torch.randint(0, 5, (3, 4), generator=gen)}
+    return model, batch
 
-    def lm_loss(logits, b):
-        return F.cross_entropy(logits.flatten(0, -2), b["labels"].flatten())
 
+def lm_loss(logits, b):
+    return F.cross_entropy(logits.flatten(0, -2), b["labels"].flatten())
+
+
+def test_hf_style_dict_batches_with_logits():
+    model, batch = _tiny_lm()
     G = hessopt.GGNOperator(model, lm_loss, batch).to_dense()  # logits picked from .logits
 
     class Plain(nn.Module):
@@ -263,25 +272,7 @@ def test_finite_difference_ggn_on_relu_nets_hf_outputs_batches_and_bn(snapshot, 
 
 
 def test_finite_difference_ggn_with_dict_batches_and_logits():
-    class Out(dict):
-        __getattr__ = dict.get
-
-    class TinyLM(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed, self.head = nn.Embedding(5, 3), nn.Linear(3, 5)
-
-        def forward(self, input_ids, labels=None):
-            return Out(logits=self.head(torch.tanh(self.embed(input_ids))))
-
-    torch.manual_seed(0)
-    model = TinyLM().to(DT)
-    gen = torch.Generator().manual_seed(1)
-    batch = {"input_ids": torch.randint(0, 5, (3, 4), generator=gen), "labels": torch.randint(0, 5, (3, 4), generator=gen)}
-
-    def lm_loss(logits, b):
-        return F.cross_entropy(logits.flatten(0, -2), b["labels"].flatten())
-
+    model, batch = _tiny_lm()
     G = hessopt.GGNOperator(model, lm_loss, batch).to_dense()
     F_ = hessopt.GGNOperator(model, lm_loss, batch, method="finite_difference").to_dense()
     torch.testing.assert_close(F_, G, rtol=1e-8, atol=1e-10)

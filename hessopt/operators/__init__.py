@@ -18,6 +18,7 @@ Modules:
     _sharded_model: the same on FSDP2-sharded parameters (sharded vectors, FSDP's averaging).
     hessian:  HessianOperator (reverse, forward-over-reverse, finite differences).
     ggn:      GGNOperator, the generalized Gauss-Newton matrix J^T H_L J.
+    _finite_difference: theta +- eps v for both finite-difference methods (step, moves, ReLU patterns).
     fisher:   EmpiricalFisherOperator, (1/N) sum_n g_n g_n^T.
 """
 from .._batches import call_model, is_single_batch as _is_single_batch, to_device as _to_device
@@ -33,7 +34,7 @@ from .base import (
     unflatten,
 )
 from .fisher import EmpiricalFisherOperator
-from .ggn import GGNOperator
+from .ggn import GGN_METHODS, GGNOperator
 from .hessian import HVP_METHODS, HessianOperator
 
 __all__ = [
@@ -51,4 +52,5 @@ __all__ = [
     "unflatten",
     "call_model",
     "HVP_METHODS",
+    "GGN_METHODS",
 ]
