@@ -34,6 +34,7 @@ from .operators import CurvatureOperator, as_operator
 from ._progress import progress_bar
 from .probes import GeneratorLike, _check_distribution, generator_for
 from .results import TraceResult
+from .spectrum.lanczos import accumulation_dtype
 
 __all__ = ["trace", "diagonal"]
 
@@ -190,10 +191,12 @@ def diagonal(
         num_matvecs = probes.shape[1]
     _check_count("num_matvecs", num_matvecs, 1, "at least one probe")
     gen = None if probes is not None else generator_for(op, generator)
-    total = torch.zeros(op.local_size, dtype=op.dtype, device=op.device)
+    # summed in float32 at least: a float16 sum of hundreds of samples loses the low digits
+    acc = accumulation_dtype(op.dtype)
+    total = torch.zeros(op.local_size, dtype=acc, device=op.device)
     with progress_bar(num_matvecs, progress, "Hutchinson diagonal") as bar:
         for i in range(num_matvecs):
             z = probes[:, i] if probes is not None else op.probe(gen, distribution=distribution)
-            total.addcmul_(z, op @ z)
+            total.addcmul_(z.to(acc), (op @ z).to(acc))
             bar.update()
-    return total / num_matvecs
+    return (total / num_matvecs).to(op.dtype)

@@ -313,7 +313,7 @@ class ModelOperator(CurvatureOperator):
         return self._shards.probe(self.params, generator, self.dtype if dtype is None else dtype, distribution)
 
     def _all_finite(self, out: torch.Tensor) -> bool:
-        finite = bool(torch.isfinite(out).all())
+        finite = super()._all_finite(out)
         return finite if self._shards is None else self._shards.all_true(finite)
 
     # -- data ------------------------------------------------------------------------------------

@@ -50,6 +50,12 @@ def unflatten(vector: torch.Tensor, shapes: Sequence[torch.Size]) -> List[torch.
     return [chunk.view(s) for chunk, s in zip(vector.split(sizes), shapes)]
 
 
+def _is_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite, by one reduction: the max-norm is NaN if an entry is
+    NaN and inf if one is infinite (``isfinite(t).all()`` would allocate a mask as large as ``t``)."""
+    return t.numel() == 0 or bool(torch.isfinite(torch.linalg.vector_norm(t, float("inf"))))
+
+
 class CurvatureOperator:
     """A symmetric linear operator on ``R^n`` (the base of all operators).
 
@@ -201,7 +207,7 @@ class CurvatureOperator:
 
     def _all_finite(self, out: torch.Tensor) -> bool:
         """Whether the product is finite (on every shard, for a sharded operator)."""
-        return bool(torch.isfinite(out).all())
+        return _is_finite(out)
 
     def _checked_matvec(self, v: torch.Tensor) -> torch.Tensor:
         out = self._matvec(v)
