@@ -93,7 +93,9 @@ class EigenResult(_ToDict):
     Attributes:
         eigenvalues: ``(k,)`` float64, algebraic values in descending order (for ``which="smallest"``
             ascending, for ``which="magnitude"`` by descending absolute value).
-        eigenvectors: ``(n, k)`` in the operator's dtype, unit-norm columns matching ``eigenvalues``.
+        eigenvectors: ``(n, k)`` unit-norm columns matching ``eigenvalues``, in the accumulation dtype
+            (float32 for a float16/bfloat16 operator, else the operator's dtype); on a sharded (FSDP2)
+            operator this process's ``(local_size, k)`` rows.
         residuals: ``(k,)`` float64, the true ``||A v_i - lambda_i v_i||`` for each pair.
         error_bounds: ``(k,)`` float64, an a-posteriori bound on ``|lambda_i - true eigenvalue|``
             derived from the residuals (see :func:`hessopt.top_eigenvalues`).
@@ -145,7 +147,8 @@ class LanczosResult(_ToDict):
     Attributes:
         alphas: ``(m,)`` float64 diagonal of ``T``.
         betas: ``(m - 1,)`` float64 off-diagonal of ``T``.
-        basis: ``(n, m)`` orthonormal Lanczos vectors in the operator's dtype, or ``None`` when not kept.
+        basis: ``(n, m)`` orthonormal Lanczos vectors in the accumulation dtype (float32 for a
+            float16/bfloat16 operator; this process's rows on a sharded one), or ``None`` when not kept.
         residual_norm: ``beta_m``, the norm of the component left outside the Krylov space; zero (up
             to round-off) when the space became invariant and the iteration stopped early.
         num_matvecs: operator applications spent (equals ``m``).
