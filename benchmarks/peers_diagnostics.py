@@ -24,8 +24,9 @@ supervised_loss_of_output(criterion))``, ``lanczos(op, k=, tol=, which="LA", see
 """
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -72,36 +73,64 @@ def _eig_fields(values, seconds, counter) -> Dict[str, Any]:
                 hvp_seconds=counter.seconds, other_seconds=seconds - counter.seconds)
 
 
-def run_side_by_side(model: nn.Module, loss_fn, x, y, clock, args, record, common) -> None:
-    """Append the side-by-side records (see the module docstring) through ``record(method, **fields)``."""
+def _attention_context(attention: Optional[str]):
+    if attention is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def run_side_by_side(model: nn.Module, loss_fn, x, y, clock, args, record, common,
+                     attention: Optional[str] = None) -> None:
+    """Append the side-by-side records (see the module docstring) through ``record(method, **fields)``.
+
+    ``attention=None``: PyTorch's default attention kernels (what a user's model runs), hessopt and the
+    peers. ``attention="math"``: the peers only, each call inside ``sdpa_kernel(SDPBackend.MATH)`` (the
+    composite kernel, twice differentiable), records named ``..._math``: for a transformer whose peers
+    crashed on the fused kernels, so that their numbers exist too.
+    """
     seed = args.seed + 7
     budgets = list(args.trace_budgets)
+    suffix = "" if attention is None else f"_{attention}"
+    kernel = ("PyTorch default (fused SDPA where available)" if attention is None
+              else "sdpa_kernel(SDPBackend.MATH) around the peer's calls")
 
     def attempt(name: str, matrix: str, fn: Callable[[], Dict[str, Any]], **extra) -> None:
+        name = name + suffix
+        base = dict(matrix=matrix, side_by_side=True, tool=name.split("_")[1], attention_kernel=kernel)
         try:
-            fields = fn()
+            with _attention_context(attention):
+                fields = fn()
         except ImportError as err:
-            record(name, matrix=matrix, side_by_side=True, error=f"not installed: {err}", **extra, **common)
+            record(name, **base, error=f"not installed: {err}", **extra, **common)
             log(f"[diagnostics] {name}: not installed ({err})")
             return
         except Exception as err:  # noqa: BLE001 - a peer's crash is a result
-            record(name, matrix=matrix, side_by_side=True, error=format_error(err), **extra, **common)
+            record(name, **base, error=format_error(err), **extra, **common)
             log(f"[diagnostics] {name} FAILED: {format_error(err)}")
             return
-        record(name, matrix=matrix, side_by_side=True, **extra, **fields, **common)
-        log(f"[diagnostics] {name}: {fields.get('matvecs')} matvecs, {fields.get('seconds', 0):.2f}s, "
+        if fields.get("matvecs"):
+            fields["seconds_per_product"] = fields["hvp_seconds"] / fields["matvecs"]
+        record(name, **base, **extra, **fields, **common)
+        log(f"[diagnostics] {name}: {fields.get('matvecs')} matvecs, {fields.get('seconds', 0):.2f}s "
+            f"({fields.get('hvp_seconds', 0):.2f}s in products), "
             + (f"eigenvalues {[round(v, 3) for v in fields['eigenvalues']]}" if "eigenvalues" in fields
                else f"trace {fields.get('estimate')}"))
 
-    # -- hessopt's own GGN (its Hessian is measured by the suite itself) ---------------------------------
-    def hessopt_ggn():
+    # -- hessopt's own Hessian and GGN (its Hutch++ and SLQ are the suite's hutchpp_trace_m* / slq_*) ------
+    def hessopt_top(matrix: str):
         counter = _Counter(clock)
-        op = hessopt.GGNOperator(model, loss_fn, (x, y))
+        cls = hessopt.HessianOperator if matrix == "hessian" else hessopt.GGNOperator
+        (op, setup) = _timed(lambda: cls(model, loss_fn, (x, y)), clock)
         op._matvec = counter.wrap(op._matvec)
         res, seconds = _timed(lambda: hessopt.top_eigenvalues(op, k=TOP_K, tol=TOP_TOL, generator=seed), clock)
-        return dict(_eig_fields(res.eigenvalues, seconds, counter), converged=bool(res.converged))
+        return dict(_eig_fields(res.eigenvalues, seconds, counter), converged=bool(res.converged),
+                    residuals=[float(r) for r in res.residuals], setup_seconds=setup)
 
-    attempt("side_hessopt_ggn_top5", "ggn", hessopt_ggn, k=TOP_K, tol=TOP_TOL)
+    if attention is None:
+        for matrix in ("hessian", "ggn"):
+            attempt(f"side_hessopt_{matrix}_top5", matrix, lambda m=matrix: hessopt_top(m), k=TOP_K, tol=TOP_TOL)
 
     # -- hessian-eigenthings 1.0 ---------------------------------------------------------------------
     def eigenthings_op(matrix: str):
@@ -112,15 +141,19 @@ def run_side_by_side(model: nn.Module, loss_fn, x, y, clock, args, record, commo
             return he.HessianOperator(model, data, he.supervised_loss(loss_fn))
         return he.GGNOperator(model, data, he.supervised_forward, he.supervised_loss_of_output(loss_fn))
 
+    def counted_eigenthings(matrix: str):
+        op, setup = _timed(lambda: eigenthings_op(matrix), clock)
+        counter = _Counter(clock)
+        op.matvec = counter.wrap(op.matvec)
+        return op, counter, setup
+
     def eigenthings_top(matrix: str):
         import hessian_eigenthings as he
 
-        op = eigenthings_op(matrix)
-        counter = _Counter(clock)
-        op.matvec = counter.wrap(op.matvec)
+        op, counter, setup = counted_eigenthings(matrix)
         res, seconds = _timed(lambda: he.lanczos(op, k=TOP_K, tol=TOP_TOL, which="LA", seed=seed), clock)
         return dict(_eig_fields(res.eigenvalues, seconds, counter), converged=bool(torch.as_tensor(res.converged).all()),
-                    residuals=[float(r) for r in res.residuals])
+                    residuals=[float(r) for r in res.residuals], setup_seconds=setup)
 
     for matrix in ("hessian", "ggn"):
         attempt(f"side_eigenthings_{matrix}_top5", matrix, lambda m=matrix: eigenthings_top(m), k=TOP_K, tol=TOP_TOL)
@@ -128,12 +161,11 @@ def run_side_by_side(model: nn.Module, loss_fn, x, y, clock, args, record, commo
     def eigenthings_trace(m: int):
         import hessian_eigenthings as he
 
-        op = eigenthings_op("hessian")
-        counter = _Counter(clock)
-        op.matvec = counter.wrap(op.matvec)
+        op, counter, setup = counted_eigenthings("hessian")
         res, seconds = _timed(lambda: he.trace(op, num_matvecs=m, method="hutch++", seed=seed + m), clock)
         return dict(estimate=float(res.estimate), std_error=float(res.stderr), matvecs=counter.matvecs,
-                    seconds=seconds, hvp_seconds=counter.seconds, other_seconds=seconds - counter.seconds)
+                    seconds=seconds, hvp_seconds=counter.seconds, other_seconds=seconds - counter.seconds,
+                    setup_seconds=setup)
 
     for m in budgets:
         attempt(f"side_eigenthings_hutchpp_m{m}", "hessian", lambda m=m: eigenthings_trace(m), budget=m)
@@ -141,35 +173,43 @@ def run_side_by_side(model: nn.Module, loss_fn, x, y, clock, args, record, commo
     def eigenthings_density():
         import hessian_eigenthings as he
 
-        op = eigenthings_op("hessian")
-        counter = _Counter(clock)
-        op.matvec = counter.wrap(op.matvec)
-        _, seconds = _timed(lambda: he.spectral_density(op, num_runs=1, lanczos_steps=args.slq_steps, seed=seed), clock)
+        op, counter, setup = counted_eigenthings("hessian")
+        res, seconds = _timed(lambda: he.spectral_density(op, num_runs=1, lanczos_steps=args.slq_steps, seed=seed), clock)
+        nodes = torch.as_tensor(res.raw_eigenvalues)
         return dict(matvecs=counter.matvecs, seconds=seconds, hvp_seconds=counter.seconds,
-                    other_seconds=seconds - counter.seconds,
-                    other_fraction=(seconds - counter.seconds) / seconds if seconds > 0 else None)
+                    other_seconds=seconds - counter.seconds, setup_seconds=setup,
+                    other_fraction=(seconds - counter.seconds) / seconds if seconds > 0 else None,
+                    top_node=float(nodes.max()) if nodes.numel() else None)
 
     attempt(f"side_eigenthings_density_{args.slq_steps}", "hessian", eigenthings_density, steps=args.slq_steps)
 
     # -- curvlinops 3.x --------------------------------------------------------------------------------
+    # The operator's constructor probes determinism (curvlinops' default check_deterministic=True: two
+    # products and two gradients); that is outside the counted products and inside setup_seconds.
     def curvlinops_op(matrix: str):
         import curvlinops
 
         params = [p for p in model.parameters() if p.requires_grad]
         cls = curvlinops.HessianLinearOperator if matrix == "hessian" else curvlinops.GGNLinearOperator
-        return cls(model, loss_fn, params, [(x, y)])
+        return _timed(lambda: cls(model, loss_fn, params, [(x, y)]), clock)
+
+    def count_curvlinops(op):
+        counter = _Counter(clock)
+        op._matmat = counter.wrap(op._matmat, columns=lambda X: int(X[0].shape[-1]) if X[0].dim() > len(op._in_shape[0]) else 1)
+        return counter
 
     def curvlinops_top(matrix: str):
         from scipy.sparse.linalg import LinearOperator, eigsh
 
-        op = curvlinops_op(matrix)
+        op, setup = curvlinops_op(matrix)
         lin = op.to_scipy()
         counter = _Counter(clock)
         counted = LinearOperator(lin.shape, matvec=counter.wrap(lin.matvec), dtype=lin.dtype)
         v0 = np.random.default_rng(seed).standard_normal(lin.shape[0])
         vals, seconds = _timed(lambda: eigsh(counted, k=TOP_K, which="LA", tol=TOP_TOL, v0=v0,
                                              return_eigenvectors=False), clock)
-        return _eig_fields(vals, seconds, counter)
+        return dict(_eig_fields(vals, seconds, counter), setup_seconds=setup,
+                    note="scipy.sparse.linalg.eigsh (ARPACK) on op.to_scipy(), which='LA', tol 1e-4")
 
     for matrix in ("hessian", "ggn"):
         attempt(f"side_curvlinops_{matrix}_top5", matrix, lambda m=matrix: curvlinops_top(m), k=TOP_K, tol=TOP_TOL)
@@ -177,17 +217,31 @@ def run_side_by_side(model: nn.Module, loss_fn, x, y, clock, args, record, commo
     def curvlinops_trace(m: int):
         from curvlinops import hutchpp_trace
 
-        op = curvlinops_op("hessian")
-        counter = _Counter(clock)
-        op._matmat = counter.wrap(op._matmat, columns=lambda X: int(X[0].shape[-1]) if X[0].dim() > len(op._in_shape[0]) else 1)
+        op, setup = curvlinops_op("hessian")
+        counter = count_curvlinops(op)
         torch.manual_seed(seed + m)
         est, seconds = _timed(lambda: hutchpp_trace(op, num_matvecs=m), clock)
         return dict(estimate=float(est), std_error=None, matvecs=counter.matvecs, seconds=seconds,
-                    hvp_seconds=counter.seconds, other_seconds=seconds - counter.seconds,
+                    hvp_seconds=counter.seconds, other_seconds=seconds - counter.seconds, setup_seconds=setup,
                     note="curvlinops' hutchpp_trace reports no standard error")
 
     for m in budgets:
         attempt(f"side_curvlinops_hutchpp_m{m}", "hessian", lambda m=m: curvlinops_trace(m), budget=m)
+
+    def curvlinops_density():
+        from curvlinops.papyan2020traces.spectrum import lanczos_approximate_spectrum
+
+        op, setup = curvlinops_op("hessian")
+        counter = count_curvlinops(op)
+        torch.manual_seed(seed)
+        _, seconds = _timed(lambda: lanczos_approximate_spectrum(op, ncv=args.slq_steps), clock)
+        return dict(matvecs=counter.matvecs, seconds=seconds, hvp_seconds=counter.seconds,
+                    other_seconds=seconds - counter.seconds, setup_seconds=setup,
+                    other_fraction=(seconds - counter.seconds) / seconds if seconds > 0 else None,
+                    note="lanczos_approximate_spectrum(op, ncv=steps) (Papyan 2020, no reorthogonalization); "
+                         "its products include the spectral boundaries it estimates first (eigsh, tol 1e-2)")
+
+    attempt(f"side_curvlinops_density_{args.slq_steps}", "hessian", curvlinops_density, steps=args.slq_steps)
 
 
 def ggn_reference(model64: nn.Module, x64, y64, quick: bool, ref_tol: float = 1e-9) -> Dict[str, Any]:
@@ -212,5 +266,13 @@ def score_side_by_side(records: List[Dict[str, Any]], hessian_ref: Dict[str, Any
             rel = [abs(v - r) / abs(r) for v, r in zip(rec["eigenvalues"], want)]
             rec.update(reference=want, rel_errors=rel, max_rel_error=max(rel) if rel else None)
         elif "estimate" in rec and hessian_ref and hessian_ref.get("trace") is not None:
-            rec.update(reference=hessian_ref["trace"],
-                       rel_error=abs(rec["estimate"] - hessian_ref["trace"]) / abs(hessian_ref["trace"]))
+            ref_tr, ref_se = hessian_ref["trace"], hessian_ref.get("trace_std_error") or 0.0
+            se = rec.get("std_error")
+            comb = None if se is None else (se ** 2 + ref_se ** 2) ** 0.5
+            rec.update(reference=ref_tr, reference_std_error=ref_se,
+                       rel_error=abs(rec["estimate"] - ref_tr) / abs(ref_tr),
+                       rel_std_error=None if se is None else se / abs(ref_tr),
+                       z=None if not comb else (rec["estimate"] - ref_tr) / comb)
+        elif rec.get("top_node") is not None and hessian_ref and hessian_ref.get("eigenvalues"):
+            top = hessian_ref["eigenvalues"][0]
+            rec.update(top_node_rel_error=abs(rec["top_node"] - top) / abs(top))

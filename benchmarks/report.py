@@ -178,12 +178,7 @@ def diagnostics_section(records: List[Dict[str, Any]]) -> List[str]:
     by = {r["method"]: r for r in records}
     model = by.get("model", {})
     ref = by.get("reference", {})
-    out.append(f"- model: {model.get('model')} on {model.get('dataset')}, {model.get('num_params')} parameters, "
-               f"test accuracy {_f(model.get('test_accuracy'), '{:.4f}')}; "
-               + (f"trained {model.get('epochs')} epochs in {_f(model.get('train_seconds'), '{:.1f}')} s"
-                  if model.get("train_seconds") is not None else f"checkpoint {model.get('checkpoint')}"))
-    out.append(f"- Hessian: mean cross-entropy on a fixed batch of {model.get('batch')} test images, BatchNorm in "
-               "eval mode, float32")
+    out += _model_lines(model)
     if ref.get("error"):
         out.append(f"- reference FAILED: {_err(ref)}")
     else:
@@ -201,7 +196,8 @@ def diagnostics_section(records: List[Dict[str, Any]]) -> List[str]:
             "| method | matvecs | seconds (in HVPs) | result |", "|---|---|---|---|"]
     for r in records:
         m = r["method"]
-        if m in ("model", "reference", "gradient", "hvp_fresh_graph", "hvp_cached_graph", "hvp_cost"):
+        if m in ("model", "reference", "reference_ggn", "gradient", "hvp_fresh_graph", "hvp_cached_graph", "hvp_cost") \
+                or r.get("side_by_side"):
             continue
         secs = "–" if r.get("seconds") is None else f"{r['seconds']:.2f} ({r['hvp_seconds']:.2f})"
         if m.startswith(("lanczos_", "power_")):
@@ -225,7 +221,225 @@ def diagnostics_section(records: List[Dict[str, Any]]) -> List[str]:
     out += ["", f"Peers ({PEER_SOURCE}; {PEER_DIAGNOSTICS_CONTEXT}):", "",
             "| tool / method | matvecs | seconds | result |", "|---|---|---|---|"]
     out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in PEER_DIAGNOSTICS_FIGURES]
+    out.append("")
+    if any(r.get("side_by_side") for r in records):
+        out += side_by_side_section(records)
     return out + [""]
+
+
+def _model_lines(model: Dict[str, Any]) -> List[str]:
+    trained = (f"trained {model.get('steps')} AdamW steps" if model.get("steps") is not None
+               else f"trained {model.get('epochs')} epochs")
+    trained = (f"{trained} in {_f(model.get('train_seconds'), '{:.1f}')} s" if model.get("train_seconds") is not None
+               else f"checkpoint {model.get('checkpoint')}")
+    if model.get("model") == "gpt":
+        return [f"- model: GPT (benchmarks/gpt.py) d_model {model.get('d_model')}, {model.get('n_layers')} layers, "
+                f"{model.get('n_heads')} heads, context {model.get('seq_len')}, vocabulary {model.get('vocab_size')}, "
+                f"{model.get('num_params')} parameters, validation loss {_f(model.get('val_loss'), '{:.4f}')} nats/char; "
+                f"{trained}",
+                f"- Hessian: {model.get('hessian_of')} ({model.get('batch')} sequences, {model.get('tokens')} tokens), "
+                f"float32; attention: {model.get('attention')}"]
+    return [f"- model: {model.get('model')} on {model.get('dataset')}, {model.get('num_params')} parameters, "
+            f"test accuracy {_f(model.get('test_accuracy'), '{:.4f}')}; {trained}",
+            f"- Hessian: mean cross-entropy on a fixed batch of {model.get('batch')} test images, BatchNorm in "
+            "eval mode, float32"]
+
+
+# --------------------------------------------------------------------------------------------------
+# side by side: hessopt, hessian-eigenthings 1.0, curvlinops 3.x (benchmarks/peers_diagnostics.py)
+
+TOOLS = ("hessopt", "eigenthings", "curvlinops")
+TOOL_NAMES = {"hessopt": "hessopt", "eigenthings": "hessian-eigenthings 1.0", "curvlinops": "curvlinops 3.x"}
+
+
+def _tool(r: Dict[str, Any]) -> str:
+    return r.get("tool") or "hessopt"
+
+
+def _kernel(r: Dict[str, Any]) -> str:
+    return "math" if r["method"].endswith("_math") else "default"
+
+
+def _crash(r: Dict[str, Any], width: int = 160) -> str:
+    e = r.get("error") or ""
+    if e.startswith("not installed"):
+        return "not installed"
+    e = e.replace("|", "\\|")
+    return e if len(e) <= width else e[:width] + " ..."
+
+
+def _spp(r: Dict[str, Any]) -> Optional[float]:
+    if r.get("error") or not r.get("matvecs") or r.get("hvp_seconds") is None:
+        return None
+    return r["hvp_seconds"] / r["matvecs"]
+
+
+def side_by_side_rows(records: List[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
+    """The side-by-side records by quantity: ``eig`` (top-5, Hessian and GGN), ``trace`` (Hutch++ per
+    budget), ``density`` (SLQ); hessopt's Hutch++ and SLQ are the suite's own records."""
+    out: Dict[str, List[Dict[str, Any]]] = {"eig": [], "trace": [], "density": []}
+    for r in records:
+        m = r.get("method", "")
+        if r.get("side_by_side") and "_top" in m:
+            out["eig"].append(r)
+        elif (r.get("side_by_side") and "_hutchpp_m" in m) or m.startswith("hutchpp_trace_m"):
+            out["trace"].append(r)
+        elif (r.get("side_by_side") and "_density_" in m) or m.startswith("slq_"):
+            out["density"].append(r)
+    order = {t: i for i, t in enumerate(TOOLS)}
+    out["eig"].sort(key=lambda r: (r.get("matrix") != "hessian", _kernel(r) == "math", order.get(_tool(r), 9)))
+    out["trace"].sort(key=lambda r: (r.get("budget") or 0, _kernel(r) == "math", order.get(_tool(r), 9)))
+    out["density"].sort(key=lambda r: (_kernel(r) == "math", order.get(_tool(r), 9)))
+    return out
+
+
+def per_product_seconds(records: List[Dict[str, Any]]) -> Dict[tuple, Dict[str, Any]]:
+    """(tool, matrix, kernel) -> seconds inside the products / products, over all its records."""
+    acc: Dict[tuple, Dict[str, Any]] = {}
+    rows = side_by_side_rows(records)
+    for r in rows["eig"] + rows["trace"] + rows["density"]:
+        if r.get("error") or not r.get("matvecs"):
+            continue
+        key = (_tool(r), r.get("matrix") or "hessian", _kernel(r))
+        a = acc.setdefault(key, {"seconds": 0.0, "matvecs": 0})
+        a["seconds"] += r["hvp_seconds"]
+        a["matvecs"] += r["matvecs"]
+    for a in acc.values():
+        a["per_product"] = a["seconds"] / a["matvecs"]
+    return acc
+
+
+def side_by_side_section(records: List[Dict[str, Any]]) -> List[str]:
+    by = {r["method"]: r for r in records}
+    model, ref, ggn = by.get("model", {}), by.get("reference", {}), by.get("reference_ggn", {})
+    rows = side_by_side_rows(records)
+    measured = [r for r in records if r.get("load_avg_start") is not None and r["method"] != "model"]
+    loads = [r["load_avg_start"][0] for r in measured] + [r["load_avg_end"][0] for r in measured]
+    first = records[0]
+    threads = model.get("torch_threads") or (first.get("host") or {}).get("cpu_threads")
+    out = ["### Side by side: hessopt, hessian-eigenthings 1.0, curvlinops 3.x", "",
+           f"- command: `{first['command']}`; date {first['date']}",
+           f"- machine: {first['device']}" + (f" ({model.get('cpu_model')}, {model.get('cpu_count')} cores)"
+                                               if model.get("cpu_model") else "")
+           + f", torch threads {threads}; torch {first['torch']}",
+           "- load average (1 min) over the measured records: "
+           + (f"{min(loads):.2f} to {max(loads):.2f} (at the start of the first {measured[0]['load_avg_start'][0]:.2f}, "
+              f"at the end of the last {measured[-1]['load_avg_end'][0]:.2f}); this run itself is 1.0 of it"
+              if loads else "not recorded"),
+           "- same float32 model, batch, tolerance (1e-4, top-5 largest algebraic) and Hutch++ budgets for every tool; "
+           "seconds are wall time of the call, 'in products' the time inside the tool's own matvec (timed by a wrapper), "
+           "s/product = seconds in products / products; operator construction is outside both (setup_seconds in the JSON)",
+           ]
+    if ref:
+        out.append(f"- float64 Hessian reference ({ref.get('kind')}): top-5 ["
+                   + ", ".join(f"{v:.6g}" for v in ref.get("eigenvalues") or []) + f"]; trace "
+                   f"{_f(ref.get('trace'), '{:.6g}')} +- {_f(ref.get('trace_std_error'), '{:.3g}')}")
+    if ggn:
+        out.append(f"- float64 GGN reference ({ggn.get('kind')}): top-5 ["
+                   + ", ".join(f"{v:.6g}" for v in ggn.get("eigenvalues") or []) + "]"
+                   + (f"; FAILED: {_crash(ggn)}" if ggn.get("error") else ""))
+    if any(_kernel(r) == "math" for r in records if r.get("side_by_side")):
+        out.append("- attention: 'default' = PyTorch's default kernels (the fused CPU flash kernel here), what a user's "
+                   "model runs; 'math' = the same peer call again inside `sdpa_kernel(SDPBackend.MATH)`, so that its "
+                   "numbers exist. hessopt routes attention itself (second_order_safe) and runs once, on the default.")
+    out += ["", "Top-5 eigenvalues (tol 1e-4):", "",
+            "| tool | matrix | attention | matvecs | seconds | in products | s/product | max true rel. error | "
+            "converged | crash |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows["eig"]:
+        conv = r.get("converged")
+        out.append(f"| {TOOL_NAMES.get(_tool(r), _tool(r))} | {r.get('matrix')} | {_kernel(r)} | {r.get('matvecs', '–')} | "
+                   f"{_f(r.get('seconds'))} | {_f(r.get('hvp_seconds'))} | {_f(_spp(r), '{:.4f}')} | "
+                   f"{_sci(r.get('max_rel_error'))} | {'–' if conv is None else ('yes' if conv else 'no')} | {_crash(r)} |")
+    out += ["", "Hessian trace by Hutch++ at equal products (true error against the float64 reference; z = error / "
+            "combined standard error, where the tool reports one):", "",
+            "| tool | attention | budget | matvecs | estimate | reported std. error | true rel. error | z | s/product | "
+            "crash |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows["trace"]:
+        se = r.get("std_error")
+        out.append(f"| {TOOL_NAMES.get(_tool(r), _tool(r))} | {_kernel(r)} | {r.get('budget')} | {r.get('matvecs', '–')} | "
+                   f"{_f(r.get('estimate'), '{:.6g}')} | {'none reported' if se is None and not r.get('error') else _f(se, '{:.3g}')} | "
+                   f"{_pct(r.get('rel_error'))} | {_f(r.get('z'))} | {_f(_spp(r), '{:.4f}')} | {_crash(r)} |")
+    out += ["", "SLQ spectral density (overhead = seconds beyond the products):", "",
+            "| tool | attention | Lanczos steps | matvecs | seconds | in products | overhead s (share) | top node rel. error | "
+            "crash |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows["density"]:
+        other = r.get("other_seconds")
+        share = None if other is None or not r.get("seconds") else other / r["seconds"]
+        out.append(f"| {TOOL_NAMES.get(_tool(r), _tool(r))} | {_kernel(r)} | {r.get('steps')} | {r.get('matvecs', '–')} | "
+                   f"{_f(r.get('seconds'))} | {_f(r.get('hvp_seconds'))} | "
+                   f"{'–' if other is None else f'{other:.2f} ({_pct(share)})'} | {_sci(r.get('top_node_rel_error'))} | "
+                   f"{_crash(r)} |")
+    pp = per_product_seconds(records)
+    if pp:
+        out += ["", "Seconds per product, over all of a tool's records on that operator (eigenvalues, trace, density):",
+                "", "| tool | attention | Hessian s/product (products) | GGN s/product (products) |", "|---|---|---|---|"]
+        for tool in TOOLS:
+            for kern in ("default", "math"):
+                h, g = pp.get((tool, "hessian", kern)), pp.get((tool, "ggn", kern))
+                if h is None and g is None:
+                    continue
+                cell = lambda a: "–" if a is None else f"{a['per_product']:.4f} ({a['matvecs']})"  # noqa: E731
+                out.append(f"| {TOOL_NAMES[tool]} | {kern} | {cell(h)} | {cell(g)} |")
+    return out + [""]
+
+
+def side_by_side_plot(records: List[Dict[str, Any]], path: str) -> Optional[str]:
+    """Three panels: s/product per tool and operator, top-5 max true error, Hutch++ error per budget.
+    Returns ``path`` (or None when there is nothing to plot)."""
+    rows = side_by_side_rows([r for r in records if r.get("suite") == "diagnostics"])
+    if not rows["eig"]:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pp = per_product_seconds(records)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    labels, hs, gs = [], [], []
+    for tool in TOOLS:
+        for kern in ("default", "math"):
+            h, g = pp.get((tool, "hessian", kern)), pp.get((tool, "ggn", kern))
+            if h is None and g is None:
+                continue
+            labels.append(TOOL_NAMES[tool].split()[0] + ("" if kern == "default" else "\n(math attn)"))
+            hs.append(float("nan") if h is None else h["per_product"])
+            gs.append(float("nan") if g is None else g["per_product"])
+    xs = range(len(labels))
+    axes[0].bar([x - 0.2 for x in xs], hs, 0.4, label="Hessian")
+    axes[0].bar([x + 0.2 for x in xs], gs, 0.4, label="GGN")
+    axes[0].set_xticks(list(xs), labels, fontsize=8)
+    axes[0].set_ylabel("seconds per product")
+    axes[0].set_title("per-product time (lower is better)")
+    axes[0].legend()
+    for i, matrix in enumerate(("hessian", "ggn")):
+        pts = [r for r in rows["eig"] if r.get("matrix") == matrix and r.get("max_rel_error")]
+        for r in pts:
+            axes[1].scatter(r["matvecs"], r["max_rel_error"], marker="o" if matrix == "hessian" else "s")
+            axes[1].annotate(f"{_tool(r)}{'' if _kernel(r) == 'default' else ' (math)'} {matrix}",
+                             (r["matvecs"], r["max_rel_error"]), fontsize=7)
+    axes[1].set_xscale("log")
+    axes[1].set_yscale("log")
+    axes[1].set_xlabel("products")
+    axes[1].set_ylabel("max true rel. error, top-5")
+    axes[1].set_title("top-5 eigenvalues: error vs products")
+    for tool in TOOLS:
+        for kern in ("default", "math"):
+            pts = sorted((r["budget"], r["rel_error"]) for r in rows["trace"]
+                         if _tool(r) == tool and _kernel(r) == kern and r.get("rel_error") is not None)
+            if pts:
+                axes[2].plot(*zip(*pts), marker="o", label=TOOL_NAMES[tool] + ("" if kern == "default" else " (math)"))
+    axes[2].set_xlabel("Hutch++ products")
+    axes[2].set_ylabel("true rel. error of the trace")
+    axes[2].set_yscale("log")
+    axes[2].set_title("Hutch++ at equal products")
+    axes[2].legend(fontsize=7)
+    wl = rows["eig"][0].get("workload", "")
+    fig.suptitle(f"side by side, {wl}: {records[0].get('device')}, {records[0].get('date')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _pct(x: Optional[float]) -> str:

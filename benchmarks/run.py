@@ -90,6 +90,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--power-max-matvecs", type=int, default=200,
                    help="power-iteration budget for top-1 (top-5 gets 2.5x; default 200)")
     g.add_argument("--slq-steps", type=int, default=100, help="SLQ Lanczos steps (default 100, as PyHessian's figure)")
+    g.add_argument("--diag-workload", choices=("resnet20", "gpt"), default="resnet20",
+                   help="resnet20 (CIFAR ResNet20; --quick: the digits CNN) or gpt (the character-level GPT of "
+                        "benchmarks/gpt.py on Multi30k, trained with AdamW; --diag-batch = validation sequences)")
+    g.add_argument("--side-by-side-only", action="store_true",
+                   help="of hessopt's own methods run only those the side-by-side compares (top-5 Lanczos, "
+                        "Hutch++ at --trace-budgets, SLQ), beside hessian-eigenthings and curvlinops")
+    g.add_argument("--gpt-d-model", type=int, default=None, help="GPT width (default 64; quick 4)")
+    g.add_argument("--gpt-layers", type=int, default=None, help="GPT blocks (default 2; quick 1)")
+    g.add_argument("--gpt-heads", type=int, default=None, help="GPT attention heads (default 4; quick 2)")
+    g.add_argument("--gpt-context", type=int, default=None, help="GPT context in characters (default 64; quick 8)")
+    g.add_argument("--gpt-train-steps", type=int, default=None, help="GPT AdamW training steps (default 300; quick 20)")
     g = p.add_argument_group("quality suite (time to a tuned baseline's quality; benchmarks/README.md, \"Time to quality\")")
     g.add_argument("--quality-workloads", type=_names, default=None, help="subset of gpt_multi30k_char,cifar10_resnet")
     g.add_argument("--quality-optimizers", type=_names, default=None,

@@ -96,6 +96,8 @@ class TimedOperator(CurvatureOperator):
 
 def _setting(args) -> Dict[str, Any]:
     epochs, batch = args.diag_epochs, args.diag_batch
+    if getattr(args, "diag_workload", "resnet20") == "gpt":
+        return _gpt_setting(args)
     if args.quick:
         batch = 256 if batch is None else batch
         return dict(workload=f"digits_tinycnn_{batch}_quick", dataset="digits", model="tiny_digits_cnn", batch=batch,
@@ -105,15 +107,48 @@ def _setting(args) -> Dict[str, Any]:
                 epochs=10 if epochs is None else epochs, train_batch=256, lr=0.1)
 
 
+def _gpt_setting(args) -> Dict[str, Any]:
+    """The character-level GPT (benchmarks/gpt.py) on Multi30k English; ``batch`` = validation sequences."""
+    q = args.quick
+    size = dict(d_model=args.gpt_d_model or (4 if q else 64), n_layers=args.gpt_layers or (1 if q else 2),
+                n_heads=args.gpt_heads or (2 if q else 4), seq_len=args.gpt_context or (8 if q else 64))
+    batch = args.diag_batch or (4 if q else 16)
+    steps = args.gpt_train_steps if args.gpt_train_steps is not None else (20 if q else 300)
+    tag = f"d{size['d_model']}_l{size['n_layers']}_t{size['seq_len']}"
+    return dict(workload=f"multi30k_gpt_{tag}_{batch}" + ("_quick" if q else ""), dataset="multi30k_char",
+                model="gpt", batch=batch, steps=steps, train_batch=16 if not q else 4, lr=3e-3, **size,
+                max_chars=100_000 if q else None)
+
+
+class FlatLM(nn.Module):
+    """The GPT with its logits reshaped to ``(B*T, V)``: the loss of every tool is then the plain
+    ``nn.CrossEntropyLoss()`` against the ``(B*T,)`` targets (the mean next-token cross-entropy)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        logits = self.lm(tokens)
+        return logits.reshape(-1, logits.shape[-1])
+
+
 def _build(setting, data) -> nn.Module:
     if setting["model"] == "tiny_digits_cnn":
         return TinyDigitsNet(data.num_classes)
+    if setting["model"] == "gpt":
+        from .gpt import GPT
+
+        return FlatLM(GPT(data.vocab_size, setting["d_model"], setting["n_layers"], setting["n_heads"],
+                          setting["seq_len"]))
     from recipes.common import build_model
 
     return build_model(setting["model"], data.num_classes, in_chans=data.in_chans)
 
 
 def _load_data(setting, args):
+    if setting["model"] == "gpt":
+        return _load_text(setting, args)
     from recipes.common import load_dataset
 
     log(f"[diagnostics] loading {setting['dataset']}")
@@ -122,6 +157,25 @@ def _load_data(setting, args):
         else load_dataset("digits")
     log(f"[diagnostics] {data} loaded in {time.perf_counter() - t0:.1f}s")
     return data
+
+
+def _load_text(setting, args):
+    """Multi30k English characters, as the quality suite's GPT workload (benchmarks/quality_workloads.py)."""
+    from types import SimpleNamespace
+
+    from .quality_workloads import _read_lines, default_data_root
+
+    root = args.quality_data_dir or str(default_data_root())
+    folder = os.path.join(os.path.expanduser(root), "multi30k")
+    from pathlib import Path
+
+    train_text = _read_lines(Path(folder) / "train.en.gz", max_chars=setting.get("max_chars"))
+    val_text = _read_lines(Path(folder) / "val.en.gz")
+    stoi = {c: i + 1 for i, c in enumerate(sorted(set(train_text)))}  # 0: characters unseen in training
+    train = torch.tensor([stoi[c] for c in train_text], dtype=torch.int64)
+    val = torch.tensor([stoi.get(c, 0) for c in val_text], dtype=torch.int64)
+    log(f"[diagnostics] multi30k characters: {train.numel()} train, {val.numel()} val, vocabulary {len(stoi) + 1}")
+    return SimpleNamespace(train=train, val=val, vocab_size=len(stoi) + 1, folder=folder)
 
 
 def _load_checkpoint(model: nn.Module, ckpt: str, device) -> Dict[str, Any]:
@@ -133,6 +187,47 @@ def _load_checkpoint(model: nn.Module, ckpt: str, device) -> Dict[str, Any]:
 
 
 def _train(model: nn.Module, data, setting, device, seed: int) -> Dict[str, Any]:
+    if setting["model"] == "gpt":
+        return _train_gpt(model, data, setting, device, seed)
+    return _train_image(model, data, setting, device, seed)
+
+
+def _train_gpt(model: nn.Module, data, setting, device, seed: int) -> Dict[str, Any]:
+    """AdamW (lr 3e-3, betas 0.9/0.95, wd 0.1 on the matrices), linear warm-up then cosine, random windows."""
+    T, B, steps = setting["seq_len"], setting["train_batch"], setting["steps"]
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                            lr=setting["lr"], betas=(0.9, 0.95))
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: (t + 1) / warm if t < warm else 0.5 * (1 + math.cos(math.pi * (t - warm) / max(1, steps - warm))))
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    ar = torch.arange(T + 1)
+    train = data.train
+    clock = Clock(device)
+    t0 = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        start = torch.randint(0, train.numel() - T - 1, (B,), generator=gen)
+        tok = train[start[:, None] + ar].to(device)
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(tok[:, :-1]), tok[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step == steps - 1 or (step + 1) % max(1, steps // 5) == 0:
+            clock.sync()
+            log(f"[diagnostics] train step {step + 1}/{steps}: loss {float(loss.detach()):.3f} ({time.perf_counter() - t0:.1f}s)")
+    clock.sync()
+    return {"epochs": None, "steps": steps, "train_seconds": time.perf_counter() - t0,
+            "train_optimizer": f"AdamW lr {setting['lr']} betas (0.9, 0.95) wd 0.1 (matrices), batch {B} random windows "
+                               f"of {T} characters, warm-up + cosine, gradient norm clipped to 1.0",
+            "augmentation": "none"}
+
+
+def _train_image(model: nn.Module, data, setting, device, seed: int) -> Dict[str, Any]:
     """SGD (Nesterov, momentum 0.9, wd 5e-4), one epoch of linear warm-up then cosine decay."""
     from recipes.common import DeviceLoader
 
@@ -174,12 +269,57 @@ def _accuracy(model: nn.Module, data, device) -> float:
     return correct / len(data.test_y)
 
 
-def _fixed_batch(data, n: int, device, seed: int) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+@torch.no_grad()
+def _quality(model: nn.Module, data, setting, device) -> Dict[str, Any]:
+    """Test accuracy (images), or the validation cross-entropy on up to 256 windows (GPT)."""
+    if setting["model"] != "gpt":
+        return {"test_accuracy": _accuracy(model, data, device)}
+    model.eval()
+    x, y = _gpt_windows(data, setting, device, 256)
+    total = sum(float(F.cross_entropy(model(x[i:i + 32]), y[i * setting["seq_len"]:(i + 32) * setting["seq_len"]],
+                                      reduction="sum")) for i in range(0, x.shape[0], 32))
+    return {"test_accuracy": None, "val_loss": total / y.numel()}
+
+
+def _gpt_windows(data, setting, device, n: int):
+    """The first ``n`` non-overlapping windows of val.en: tokens (n, T), next-token targets (n*T,)."""
+    T = setting["seq_len"]
+    n = min(n, (data.val.numel() - 1) // T)
+    tok = data.val[(torch.arange(n) * T)[:, None] + torch.arange(T + 1)]
+    return tok[:, :-1].contiguous().to(device), tok[:, 1:].reshape(-1).to(device)
+
+
+def _fixed_batch(data, n: int, device, seed: int, setting=None) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+    if setting is not None and setting["model"] == "gpt":
+        x, y = _gpt_windows(data, setting, device, n)
+        return x, y, list(range(x.shape[0]))
     idx = torch.randperm(len(data.test_y), generator=torch.Generator().manual_seed(seed))[:n]
     mean = torch.tensor(data.mean).view(1, -1, 1, 1)
     std = torch.tensor(data.std).view(1, -1, 1, 1)
     x = (data.test_x[idx].float() / 255.0 - mean) / std
     return x.to(device), data.test_y[idx].to(device), idx.tolist()
+
+
+def _to64(x: torch.Tensor) -> torch.Tensor:
+    """Float inputs in float64; token ids stay integers."""
+    return x.double() if x.is_floating_point() else x
+
+
+def _load() -> List[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,7 +335,7 @@ def _ritz(alphas: torch.Tensor, betas: torch.Tensor, beta_last: float):
 
 def _reference(model, x, y, args, setting, clock) -> Dict[str, Any]:
     model64 = copy.deepcopy(model).double()
-    op64 = hessopt.HessianOperator(model64, nn.CrossEntropyLoss(), (x.double(), y), bn_mode="eval")
+    op64 = hessopt.HessianOperator(model64, nn.CrossEntropyLoss(), (_to64(x), y), bn_mode="eval")
     ref: Dict[str, Any] = {}
     clock.sync()
     t0 = time.perf_counter()
@@ -258,9 +398,17 @@ def run_suite(args, env: Dict[str, Any], records: List[Dict[str, Any]], flush=la
     setting = _setting(args)
     wl = setting["workload"]
 
+    # load average (1, 5, 15 min) when the previous record was written (= when this measurement began:
+    # the measurements run back to back) and when this one was written
+    load = {"last": _load()}
+
     def record(method: str, **fields) -> Dict[str, Any]:
         rec = base_record(env, SUITE, wl, "method", method)
         rec["peak_mem_note"] = None if clock.cuda else "not measured on CPU"
+        rec["torch_threads"] = torch.get_num_threads()
+        now = _load()
+        rec.update(load_avg_start=load["last"], load_avg_end=now)
+        load["last"] = now
         rec.update(fields)
         records.append(rec)
         flush()
@@ -280,14 +428,21 @@ def run_suite(args, env: Dict[str, Any], records: List[Dict[str, Any]], flush=la
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             torch.save({"model": model.state_dict(), "epochs": train_info["epochs"], "setting": setting}, path)
             train_info["saved_to"] = path
-    acc = _accuracy(model, data, device)
-    log(f"[diagnostics] model: {setting['model']}, test accuracy {acc:.4f}")
+    quality = _quality(model, data, setting, device)
+    log(f"[diagnostics] model: {setting['model']}, " + ", ".join(f"{k} {v:.4f}" for k, v in quality.items() if v is not None))
     model.eval()
-    x, y, idx = _fixed_batch(data, setting["batch"], device, args.seed)
+    x, y, idx = _fixed_batch(data, setting["batch"], device, args.seed, setting)
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     common = dict(model=setting["model"], dataset=setting["dataset"], batch=setting["batch"], bn_mode="eval",
                   dtype="float32", num_params=num_params)
-    record("model", test_accuracy=acc, batch_indices_seed=args.seed, **train_info, **common)
+    gpt_info = {k: setting[k] for k in ("d_model", "n_layers", "n_heads", "seq_len") if k in setting}
+    if gpt_info:
+        gpt_info.update(vocab_size=data.vocab_size, tokens=int(y.numel()),
+                        hessian_of="mean next-token cross-entropy, logits reshaped (B*T, V) vs targets (B*T), "
+                                   f"the first {x.shape[0]} non-overlapping windows of val.en",
+                        attention="F.scaled_dot_product_attention(is_causal=True), PyTorch's default kernels")
+    record("model", **quality, batch_indices_seed=args.seed, cpu_model=_cpu_model(), cpu_count=os.cpu_count(),
+           side_by_side_only=bool(getattr(args, "side_by_side_only", False)), **gpt_info, **train_info, **common)
 
     loss_fn = nn.CrossEntropyLoss()
 
@@ -305,6 +460,9 @@ def run_suite(args, env: Dict[str, Any], records: List[Dict[str, Any]], flush=la
     eig_cases = [("lanczos", 1, 1e-3, None), ("lanczos_nocheck", 1, 1e-3, None), ("power", 1, 1e-3, args.power_max_matvecs),
                  ("lanczos", 5, 1e-4, None), ("lanczos_nocheck", 5, 1e-4, None),
                  ("power", 5, 1e-4, args.power_max_matvecs * 5 // 2)]
+    side_only = bool(getattr(args, "side_by_side_only", False))
+    if side_only:  # --side-by-side-only: hessopt's top-5 is measured beside the peers (side_hessopt_*_top5)
+        eig_cases = []
     for variant, k, tol, cap in eig_cases:
         name = f"{variant}_top{k}"
         method = variant.split("_")[0]
@@ -332,7 +490,7 @@ def run_suite(args, env: Dict[str, Any], records: List[Dict[str, Any]], flush=la
 
     # -- trace ----------------------------------------------------------------------------------------
     for m in args.trace_budgets:
-        for method in ("hutchinson", "hutch++"):
+        for method in (("hutch++",) if side_only else ("hutchinson", "hutch++")):
             name = f"{method.replace('++', 'pp')}_trace_m{m}"
             op = fresh_op()
             try:
@@ -370,6 +528,8 @@ def run_suite(args, env: Dict[str, Any], records: List[Dict[str, Any]], flush=la
     from .peers_diagnostics import run_side_by_side
 
     run_side_by_side(model, loss_fn, x, y, clock, args, record, common)
+    if setting["model"] == "gpt":  # the peers again with the math attention kernel, so their numbers exist
+        run_side_by_side(model, loss_fn, x, y, clock, args, record, common, attention="math")
 
     # -- reference, then the true errors of everything above ------------------------------------------
     free_memory(device)
@@ -383,6 +543,7 @@ def run_suite(args, env: Dict[str, Any], records: List[Dict[str, Any]], flush=la
     _score(records, ref)
     _ggn_reference_and_score(model, x, y, args, records, ref, record, common)
     flush()
+    _plot(records, args)
     del model, x, y
     free_memory(device)
     return records
@@ -414,7 +575,7 @@ def fill_reference(args, env: Dict[str, Any], records: List[Dict[str, Any]], flu
     model = _build(setting, data).to(device)
     _load_checkpoint(model, ckpt, device)
     model.eval()
-    x, y, _ = _fixed_batch(data, setting["batch"], device, m.get("batch_indices_seed", args.seed))
+    x, y, _ = _fixed_batch(data, setting["batch"], device, m.get("batch_indices_seed", args.seed), setting)
     ref = _reference(model, x, y, args, setting, Clock(device))
     records[:] = [r for r in records if r.get("method") != "reference"]
     common = {k: m[k] for k in ("model", "dataset", "batch", "bn_mode", "dtype", "num_params") if k in m}
@@ -434,13 +595,25 @@ def fill_reference(args, env: Dict[str, Any], records: List[Dict[str, Any]], flu
     return records
 
 
+def _plot(records, args) -> None:
+    """OUT/side_by_side.png (benchmarks/report.py); a missing matplotlib is logged, not fatal."""
+    from .report import side_by_side_plot
+
+    try:
+        path = side_by_side_plot(records, os.path.join(args.out, "side_by_side.png"))
+        if path:
+            log(f"[diagnostics] wrote {path}")
+    except Exception as err:  # noqa: BLE001 - the records are what matters
+        log(f"[diagnostics] side-by-side plot FAILED: {format_error(err)}")
+
+
 def _ggn_reference_and_score(model, x, y, args, records, hessian_ref, record, common) -> None:
     """The float64 GGN reference (dense with --quick, else converged Lanczos) and the true errors of
     the side-by-side records (benchmarks/peers_diagnostics.py)."""
     from .peers_diagnostics import ggn_reference, score_side_by_side
 
     try:
-        ggn_ref = ggn_reference(copy.deepcopy(model).double(), x.double(), y, args.quick)
+        ggn_ref = ggn_reference(copy.deepcopy(model).double(), _to64(x), y, args.quick)
     except Exception as err:
         log(f"[diagnostics] GGN reference FAILED: {format_error(err)}")
         ggn_ref = {"eigenvalues": None, "error": format_error(err)}
