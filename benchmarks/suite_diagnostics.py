@@ -6,6 +6,11 @@ Set-up (default, GPU): a CIFAR ResNet20 (recipes.common) trained inside the suit
 that of the mean cross-entropy over a fixed batch of 1024 test images (a seeded random subset),
 BatchNorm in eval mode (``HessianOperator(bn_mode="eval")``), float32.
 ``--quick``: the 8x8 digits (scikit-learn), a tiny CNN (438 parameters), 256 test digits.
+``--diag-workload gpt``: the character-level GPT of :mod:`benchmarks.gpt` on Multi30k English, trained
+with AdamW; the Hessian of the mean next-token cross-entropy on the first ``--diag-batch`` windows of
+val.en, the model wrapped (:class:`FlatLM`) to return ``(B*T, V)`` logits so that every tool gets the
+plain ``nn.CrossEntropyLoss()``. ``--side-by-side-only``: of hessopt's own methods only those the
+side by side with hessian-eigenthings and curvlinops compares (:mod:`benchmarks.peers_diagnostics`).
 
 Reference: a float64 copy of the model (same weights, same batch in float64).
 
