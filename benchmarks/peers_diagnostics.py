@@ -276,3 +276,78 @@ def score_side_by_side(records: List[Dict[str, Any]], hessian_ref: Dict[str, Any
         elif rec.get("top_node") is not None and hessian_ref and hessian_ref.get("eigenvalues"):
             top = hessian_ref["eigenvalues"][0]
             rec.update(top_node_rel_error=abs(rec["top_node"] - top) / abs(top))
+
+
+def per_product(model: nn.Module, loss_fn, x, y, clock, args, record, common, repeats: int = 5,
+                attention_for_peers: Optional[str] = None) -> None:
+    """Steady-state seconds per product of every tool's Hessian and GGN operator, interleaved.
+
+    Each contender (tool x matrix) is built, applied once untimed (its ``first_product_seconds``
+    keeps that cold call: lazy imports, graph building), then ``repeats`` rounds apply every contender
+    once to the same random float32 vector, round-robin with the order rotated each round; the record
+    (``side_<tool>_<matrix>_per_product``) has the median and the samples. The tools' native products:
+    hessopt ``op @ v``, hessian-eigenthings ``op.matvec(v)``, curvlinops ``op @ v`` (torch, no scipy).
+    ``attention_for_peers="math"``: the peers' products inside ``sdpa_kernel(SDPBackend.MATH)`` (they
+    have no double backward through the fused kernels); hessopt's on the default kernels.
+    """
+    import statistics
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    n = sum(p.numel() for p in params)
+    v = torch.randn(n, generator=torch.Generator().manual_seed(args.seed + 31)).to(x.device)
+    kernel = ("PyTorch default (fused SDPA where available)" if attention_for_peers is None
+              else "sdpa_kernel(SDPBackend.MATH) around the peer's products")
+
+    def build(tool: str, matrix: str):
+        if tool == "hessopt":
+            cls = hessopt.HessianOperator if matrix == "hessian" else hessopt.GGNOperator
+            op = cls(model, loss_fn, (x, y))
+            return lambda: op @ v
+        if tool == "eigenthings":
+            import hessian_eigenthings as he
+
+            data = [(x, y)]
+            op = (he.HessianOperator(model, data, he.supervised_loss(loss_fn)) if matrix == "hessian" else
+                  he.GGNOperator(model, data, he.supervised_forward, he.supervised_loss_of_output(loss_fn)))
+            return lambda: op.matvec(v)
+        import curvlinops
+
+        cls = curvlinops.HessianLinearOperator if matrix == "hessian" else curvlinops.GGNLinearOperator
+        op = cls(model, loss_fn, params, [(x, y)])
+        return lambda: op @ v
+
+    runs: Dict[str, Callable] = {}
+    info: Dict[str, Dict[str, Any]] = {}
+    for tool in ("hessopt", "eigenthings", "curvlinops"):
+        for matrix in ("hessian", "ggn"):
+            name = f"side_{tool}_{matrix}_per_product"
+            ctx = (lambda: contextlib.nullcontext()) if tool == "hessopt" else (lambda: _attention_context(attention_for_peers))
+            info[name] = dict(tool=tool, matrix=matrix, side_by_side=True, per_product=True,
+                              attention_kernel="PyTorch default (fused SDPA where available)" if tool == "hessopt" else kernel)
+            try:
+                with ctx():
+                    fn, setup = _timed(lambda: build(tool, matrix), clock)
+                    _, first = _timed(fn, clock)
+            except ImportError as err:
+                record(name, **info[name], error=f"not installed: {err}", **common)
+                continue
+            except Exception as err:  # noqa: BLE001 - a crash is a result
+                record(name, **info[name], error=format_error(err), **common)
+                log(f"[diagnostics] {name} FAILED: {format_error(err)}")
+                continue
+            info[name].update(setup_seconds=setup, first_product_seconds=first, samples=[])
+            runs[name] = (fn, ctx)
+    names = list(runs)
+    for r in range(repeats):
+        for name in names[r % max(1, len(names)):] + names[: r % max(1, len(names))]:
+            fn, ctx = runs[name]
+            with ctx():
+                _, sec = _timed(fn, clock)
+            info[name]["samples"].append(sec)
+    for name in names:
+        s = info[name]["samples"]
+        info[name].update(seconds_per_product=statistics.median(s), min_seconds=min(s), max_seconds=max(s),
+                          repeats=len(s))
+        record(name, **info[name], **common)
+        log(f"[diagnostics] {name}: median {info[name]['seconds_per_product']:.4f} s/product "
+            f"({min(s):.4f}-{max(s):.4f}; first {info[name]['first_product_seconds']:.3f} s)")

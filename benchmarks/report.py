@@ -369,6 +369,24 @@ def side_by_side_section(records: List[Dict[str, Any]]) -> List[str]:
                    f"{_f(r.get('seconds'))} | {_f(r.get('hvp_seconds'))} | "
                    f"{'–' if other is None else f'{other:.2f} ({_pct(share)})'} | {_sci(r.get('top_node_rel_error'))} | "
                    f"{_crash(r)} |")
+    steady = steady_per_product(records)
+    if steady:
+        out += ["", "Steady-state seconds per product (each tool's native product on the same vector; every "
+                "contender built and applied once untimed, then interleaved round-robin; median, min-max; the "
+                "cold first product, which includes one-off imports and graph building, apart):", "",
+                "| tool | matrix | attention | s/product (median) | min-max | rounds | first product s | crash |",
+                "|---|---|---|---|---|---|---|---|"]
+        if steady[0].get("command") != first.get("command"):
+            sl = [v for r in steady for v in (r.get("load_avg_start") or [None])[:1] + (r.get("load_avg_end") or [None])[:1]
+                  if v is not None]
+            out[-3:-2] = [f"(measured afterwards: `{steady[0]['command']}`, {steady[0]['date']}"
+                          + (f", load average {min(sl):.2f} to {max(sl):.2f}" if sl else "") + ")", ""]
+        for r in steady:
+            kern = "default" if _tool(r) == "hessopt" or "default" in (r.get("attention_kernel") or "") else "math"
+            out.append(f"| {TOOL_NAMES.get(_tool(r), _tool(r))} | {r.get('matrix')} | {kern} | "
+                       f"{_f(r.get('seconds_per_product'), '{:.4f}')} | "
+                       + ("–" if r.get("min_seconds") is None else f"{r['min_seconds']:.4f}-{r['max_seconds']:.4f}")
+                       + f" | {r.get('repeats', '–')} | {_f(r.get('first_product_seconds'), '{:.3f}')} | {_crash(r)} |")
     pp = per_product_seconds(records)
     if pp:
         out += ["", "Seconds per product, over all of a tool's records on that operator (eigenvalues, trace, density):",
@@ -383,6 +401,13 @@ def side_by_side_section(records: List[Dict[str, Any]]) -> List[str]:
     return out + [""]
 
 
+def steady_per_product(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The interleaved per-product records (peers_diagnostics.per_product), hessopt first."""
+    order = {t: i for i, t in enumerate(TOOLS)}
+    rows = [r for r in records if r.get("per_product")]
+    return sorted(rows, key=lambda r: (r.get("matrix") != "hessian", order.get(_tool(r), 9)))
+
+
 def side_by_side_plot(records: List[Dict[str, Any]], path: str) -> Optional[str]:
     """Three panels: s/product per tool and operator, top-5 max true error, Hutch++ error per budget.
     Returns ``path`` (or None when there is nothing to plot)."""
@@ -395,9 +420,19 @@ def side_by_side_plot(records: List[Dict[str, Any]], path: str) -> Optional[str]
     import matplotlib.pyplot as plt
 
     pp = per_product_seconds(records)
+    steady = {(_tool(r), r.get("matrix")): r for r in steady_per_product(records) if r.get("seconds_per_product")}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     labels, hs, gs = [], [], []
-    for tool in TOOLS:
+    if steady:  # the interleaved steady-state measurement where it exists
+        for tool in TOOLS:
+            h, g = steady.get((tool, "hessian")), steady.get((tool, "ggn"))
+            if h is None and g is None:
+                continue
+            math_attn = tool != "hessopt" and "MATH" in ((h or g).get("attention_kernel") or "")
+            labels.append(TOOL_NAMES[tool].split()[0] + ("\n(math attn)" if math_attn else ""))
+            hs.append(float("nan") if h is None else h["seconds_per_product"])
+            gs.append(float("nan") if g is None else g["seconds_per_product"])
+    for tool in TOOLS if not steady else ():
         for kern in ("default", "math"):
             h, g = pp.get((tool, "hessian", kern)), pp.get((tool, "ggn", kern))
             if h is None and g is None:
@@ -410,7 +445,8 @@ def side_by_side_plot(records: List[Dict[str, Any]], path: str) -> Optional[str]
     axes[0].bar([x + 0.2 for x in xs], gs, 0.4, label="GGN")
     axes[0].set_xticks(list(xs), labels, fontsize=8)
     axes[0].set_ylabel("seconds per product")
-    axes[0].set_title("per-product time (lower is better)")
+    axes[0].set_title("per-product time" + (", interleaved steady state" if steady else ", inside the runs")
+                      + " (lower is better)", fontsize=10)
     axes[0].legend()
     for i, matrix in enumerate(("hessian", "ggn")):
         pts = [r for r in rows["eig"] if r.get("matrix") == matrix and r.get("max_rel_error")]

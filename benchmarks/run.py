@@ -79,6 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--reference-only", action="store_true",
                    help="compute only the float64 reference for the records already in OUT/diagnostics.json (a run "
                         "stopped before its reference finished) and score them; needs --checkpoint")
+    g.add_argument("--products-only", action="store_true",
+                   help="add only the interleaved steady-state seconds per product of every tool (hessopt, "
+                        "hessian-eigenthings, curvlinops; Hessian and GGN) to the records already in "
+                        "OUT/diagnostics.json; needs --checkpoint and the run's workload options")
     g.add_argument("--no-save-checkpoint", dest="save_checkpoint", action="store_false",
                    help="do not write OUT/diagnostics_model.pt after training")
     g.add_argument("--diag-epochs", type=int, default=None, help="training epochs (default 10; quick 30)")
@@ -178,6 +182,20 @@ def _reference_only(args, env) -> int:
     return 0
 
 
+def _products_only(args, env) -> int:
+    from benchmarks.suite_diagnostics import products_only
+
+    path = os.path.join(args.out, "diagnostics.json")
+    if not os.path.exists(path):
+        log(f"--products-only: {path} does not exist; run the diagnostics suite into {args.out} first")
+        return 2
+    with open(path) as f:
+        records = json.load(f)
+    products_only(args, env, records, flush=lambda: (_write_json(path, records), write_report(args.out)))
+    log(f"per-product records added to {path}; report rewritten")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -196,6 +214,8 @@ def main(argv=None) -> int:
     env = environment(device)
     if args.reference_only:
         return _reference_only(args, env)
+    if args.products_only:
+        return _products_only(args, env)
     log(f"hessopt benchmarks: suites={','.join(args.suite)} device={env['device']} torch={env['torch']} "
         f"quick={args.quick} repeats={args.repeats} warmup={args.warmup} out={args.out}")
     status = 0

@@ -535,6 +535,10 @@ def run_suite(args, env: Dict[str, Any], records: List[Dict[str, Any]], flush=la
     run_side_by_side(model, loss_fn, x, y, clock, args, record, common)
     if setting["model"] == "gpt":  # the peers again with the math attention kernel, so their numbers exist
         run_side_by_side(model, loss_fn, x, y, clock, args, record, common, attention="math")
+    from .peers_diagnostics import per_product
+
+    per_product(model, loss_fn, x, y, clock, args, record, common, repeats=max(3, args.repeats),
+                attention_for_peers="math" if setting["model"] == "gpt" else None)
 
     # -- reference, then the true errors of everything above ------------------------------------------
     free_memory(device)
@@ -610,6 +614,48 @@ def _plot(records, args) -> None:
             log(f"[diagnostics] wrote {path}")
     except Exception as err:  # noqa: BLE001 - the records are what matters
         log(f"[diagnostics] side-by-side plot FAILED: {format_error(err)}")
+
+
+def products_only(args, env: Dict[str, Any], records: List[Dict[str, Any]], flush=lambda: None) -> List[Dict[str, Any]]:
+    """Add the interleaved steady-state per-product records (peers_diagnostics.per_product) to an
+    earlier run's records, on its model (``--checkpoint``) and fixed batch (same seed and size)."""
+    from .peers_diagnostics import per_product
+
+    model_recs = [r for r in records if r.get("method") == "model" and r.get("suite") == SUITE]
+    if not model_recs:
+        raise ValueError("--products-only: OUT/diagnostics.json has no 'model' record; run the suite first")
+    if not args.checkpoint or not os.path.exists(args.checkpoint):
+        raise ValueError(f"--products-only needs --checkpoint pointing at the run's model (got {args.checkpoint!r})")
+    m = model_recs[0]
+    args.diag_batch = m["batch"]
+    setting = _setting(args)
+    if setting["model"] != m["model"]:
+        raise ValueError(f"--products-only: the run measured {m['model']}, these arguments build {setting['model']}")
+    device = torch.device(args.device)
+    data = _load_data(setting, args)
+    torch.manual_seed(args.seed)
+    model = _build(setting, data).to(device)
+    _load_checkpoint(model, args.checkpoint, device)
+    model.eval()
+    x, y, _ = _fixed_batch(data, setting["batch"], device, m.get("batch_indices_seed", args.seed), setting)
+    records[:] = [r for r in records if not r.get("per_product")]
+    common = {k: m[k] for k in ("model", "dataset", "batch", "bn_mode", "dtype", "num_params") if k in m}
+    load = {"last": _load()}
+
+    def record(method, **fields):
+        out = base_record(env, SUITE, setting["workload"], "method", method)
+        now = _load()
+        out.update(torch_threads=torch.get_num_threads(), load_avg_start=load["last"], load_avg_end=now,
+                   note="added afterwards by --products-only from the run's checkpoint")
+        load["last"] = now
+        out.update(fields)
+        records.append(out)
+        flush()
+
+    per_product(model, nn.CrossEntropyLoss(), x, y, Clock(device), args, record, common, repeats=max(3, args.repeats),
+                attention_for_peers="math" if setting["model"] == "gpt" else None)
+    _plot(records, args)
+    return records
 
 
 def _ggn_reference_and_score(model, x, y, args, records, hessian_ref, record, common) -> None:

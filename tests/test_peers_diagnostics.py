@@ -107,8 +107,13 @@ def test_gpt_side_by_side_quick_run_is_scored_and_rendered(tmp_path, monkeypatch
         for what in ("hessian_top5", "ggn_top5", "hutchpp_m12", "density_10"):
             assert f"side_{tool}_{what}" in names and f"side_{tool}_{what}_math" in names
     assert all(r["error"].startswith("not installed") for r in peers)
+    for matrix in ("hessian", "ggn"):  # the interleaved steady-state products
+        steady = by[f"side_hessopt_{matrix}_per_product"]
+        assert steady["seconds_per_product"] > 0 and len(steady["samples"]) == steady["repeats"] >= 3
+        assert f"side_curvlinops_{matrix}_per_product" in names
     md = (out / "results.md").read_text()
     assert "### Side by side" in md and "| hessopt | ggn | default | " in md and "not installed" in md
+    assert "Steady-state seconds per product" in md
 
 
 def test_report_side_by_side_table_from_synthetic_records():
@@ -130,7 +135,11 @@ def test_report_side_by_side_table_from_synthetic_records():
                  hvp_seconds=0.6, rel_error=0.05, z=1.2),
             dict(base, method="side_eigenthings_hutchpp_m12", side_by_side=True, tool="eigenthings", matrix="hessian",
                  budget=12, error="not installed: No module named 'hessian_eigenthings'")]
+    recs.append(dict(base, method="side_hessopt_ggn_per_product", side_by_side=True, per_product=True, tool="hessopt",
+                     matrix="ggn", seconds_per_product=0.25, min_seconds=0.2, max_seconds=0.3, repeats=5,
+                     first_product_seconds=1.4, attention_kernel="PyTorch default"))
     md = render(recs)
+    assert "| hessopt | ggn | default | 0.2500 | 0.2000-0.3000 | 5 | 1.400 |  |" in md
     assert "| hessopt | hessian | default | 20 | 2.00 | 1.00 | 0.0500 | 1.0e-06 | yes |  |" in md
     assert "NotImplementedError: no forward AD \\| here" in md  # the crash is a result, its | escaped
     assert "| curvlinops 3.x | hessian | math | 30 | 6.00 | 6.00 | 0.2000 | 2.0e-04 | – |  |" in md
