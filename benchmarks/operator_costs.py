@@ -79,6 +79,7 @@ def main(argv=None):
         "hessian (finite differences)": hessopt.HessianOperator(model, loss_fn, (x, y), method="finite_difference"),
         "ggn": hessopt.GGNOperator(model, loss_fn, (x, y), cache_graph=False),
         "ggn (cached backward graph)": hessopt.GGNOperator(model, loss_fn, (x, y)),
+        "ggn (finite differences)": hessopt.GGNOperator(model, loss_fn, (x, y), method="finite_difference"),
         "empirical fisher (vmap)": hessopt.EmpiricalFisherOperator(model, loss_fn, (x, y), cache_gradients=False),
         "empirical fisher (cached per-sample gradients)": hessopt.EmpiricalFisherOperator(model, loss_fn, (x, y)),
     }
