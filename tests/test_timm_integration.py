@@ -225,6 +225,24 @@ def test_lookahead_under_grad_scaler_unscales_the_hessian_and_skips_inf_steps():
     assert not any(hasattr(o, "grad_scale") or hasattr(o, "found_inf") for o in (scaled, scaled._base_optimizer))
 
 
+def test_lookahead_does_not_count_a_step_that_adahessian_skipped_as_non_finite():
+    """A NaN batch changes nothing in AdaHessian (nonfinite="skip"): Lookahead's clock and slow
+    weights do not move either, so the run equals one without that batch."""
+    batches = _batches(5)
+    clean_model, nan_model = _mlp(), _mlp()
+    clean = integration.lookahead(hessopt.AdaHessian(clean_model.parameters(), lr=0.1), k=2)
+    with_nan = integration.lookahead(hessopt.AdaHessian(nan_model.parameters(), lr=0.1), k=2)
+    _timm_loop(clean_model, clean, batches)
+    x, y = batches[0]
+    bad = [(x * float("nan"), y)]
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        _timm_loop(nan_model, with_nan, batches[:2] + bad + batches[2:])
+    assert with_nan._base_optimizer.skipped_steps == 1
+    assert [g["lookahead_step"] for g in with_nan.param_groups] == [5] * len(with_nan.param_groups)
+    for p, q in zip(clean_model.parameters(), nan_model.parameters()):
+        assert torch.equal(p, q)
+
+
 # -- timm's attention and the launcher -------------------------------------------------------------
 
 

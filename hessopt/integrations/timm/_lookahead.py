@@ -74,7 +74,18 @@ class SecondOrderLookahead(Lookahead):
                 # GradScaler hands the step over; the inner optimizer skips it, and so must Lookahead
                 # (no counter advance, no slow-weight update from a skipped step)
                 return base.step(closure)
-            return super().step(closure)
+            skipped = getattr(base, "skipped_steps", None)
+            if skipped is None:
+                return super().step(closure)
+            # timm's Lookahead.step, except that a step the inner optimizer skipped (a non-finite
+            # loss or gradient: hessopt changes nothing then) does not advance the slow weights' clock
+            loss = base.step(closure)
+            if base.skipped_steps == skipped:
+                for group in base.param_groups:
+                    group["lookahead_step"] += 1
+                    if group["lookahead_step"] % group["lookahead_k"] == 0:
+                        self.update_slow(group)
+            return loss
         finally:
             if forward_amp:
                 for name in amp:
