@@ -51,7 +51,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
-__all__ = ["main", "build_parser", "analyze", "CLIError", "resolve_callable", "LOSSES"]
+__all__ = ["main", "build_parser", "analyze", "CLIError", "resolve_callable", "LOSSES",
+           "positive_int", "nonneg_int", "positive_float"]
 
 
 class CLIError(Exception):
@@ -77,7 +78,8 @@ _WEIGHT_KEYS = ("state_dict", "model_state_dict", "model")
 # argument parsing
 # --------------------------------------------------------------------------------------------------
 
-def _positive_int(text: str) -> int:
+# argparse ``type=`` converters with one-line errors (also used by the recipes' command lines)
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -87,7 +89,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _nonneg_int(text: str) -> int:
+def nonneg_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -97,7 +99,7 @@ def _nonneg_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -151,20 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
     rep = a.add_argument_group("report")
     rep.add_argument("--out", required=True, help="output directory (created)")
     rep.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
-    rep.add_argument("-k", "--top-k", dest="k", type=_positive_int, default=5, help="number of top eigenvalues")
+    rep.add_argument("-k", "--top-k", dest="k", type=positive_int, default=5, help="number of top eigenvalues")
     rep.add_argument("--matrix", default="hessian", help="curvature matrix: hessian, ggn or fisher (as hessopt.report has them)")
-    rep.add_argument("--tol", type=_positive_float, default=1e-3, help="relative tolerance of the eigenvalues")
-    rep.add_argument("--trace-matvecs", type=_positive_int, default=60, help="Hutch++ budget of the trace (>= 4)")
-    rep.add_argument("--density-steps", type=_positive_int, default=60, help="Lanczos steps of the density")
-    rep.add_argument("--density-runs", type=_positive_int, default=1, help="independent SLQ runs of the density")
+    rep.add_argument("--tol", type=positive_float, default=1e-3, help="relative tolerance of the eigenvalues")
+    rep.add_argument("--trace-matvecs", type=positive_int, default=60, help="Hutch++ budget of the trace (>= 4)")
+    rep.add_argument("--density-steps", type=positive_int, default=60, help="Lanczos steps of the density")
+    rep.add_argument("--density-runs", type=positive_int, default=1, help="independent SLQ runs of the density")
     rep.add_argument("--no-density", action="store_true", help="skip the spectral density")
     rep.add_argument("--layerwise", action="store_true", help="also the spectrum of every layer (module)")
-    rep.add_argument("--layerwise-k", type=_positive_int, default=1, help="top eigenvalues per layer")
-    rep.add_argument("--layerwise-trace-matvecs", type=_nonneg_int, default=12, help="trace budget per layer (0: none)")
+    rep.add_argument("--layerwise-k", type=positive_int, default=1, help="top eigenvalues per layer")
+    rep.add_argument("--layerwise-trace-matvecs", type=nonneg_int, default=12, help="trace budget per layer (0: none)")
     rep.add_argument("--landscape", action="store_true",
                      help="also the loss along the top eigenvector and on a plane of two random filter-normalized directions")
-    rep.add_argument("--landscape-steps", type=_positive_int, default=21, help="points of the 1-D landscape")
-    rep.add_argument("--landscape-grid", type=_nonneg_int, default=11, help="points per axis of the 2-D landscape (0: none)")
+    rep.add_argument("--landscape-steps", type=positive_int, default=21, help="points of the 1-D landscape")
+    rep.add_argument("--landscape-grid", type=nonneg_int, default=11, help="points per axis of the 2-D landscape (0: none)")
     rep.add_argument("--bn-mode", choices=("eval", "train"), default="eval",
                      help="BatchNorm with running statistics (eval) or batch statistics (train)")
     rep.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")

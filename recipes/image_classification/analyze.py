@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import hessopt  # noqa: E402
-from hessopt.cli import _nonneg_int, _positive_float, _positive_int  # noqa: E402
+from hessopt.cli import nonneg_int, positive_float, positive_int  # noqa: E402
 from recipes.image_classification import checkpoint as ckpt_format  # noqa: E402
 from recipes.image_classification.checkpoint import CheckpointError  # noqa: E402
 
@@ -51,28 +51,28 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--stream", action="store_true",
                    help="imagefolder: read the test images through recipes.common.FolderLoader's evaluation transform "
                         "(implied by checkpoints of --stream runs)")
-    a.add_argument("--image-size", type=_positive_int, default=None, help="with --stream: image side (default: the checkpoint's)")
+    a.add_argument("--image-size", type=positive_int, default=None, help="with --stream: image side (default: the checkpoint's)")
     a.add_argument("--model", default=None, help="model name, if the checkpoint's config does not say")
-    a.add_argument("--batch-size", type=_positive_int, default=128, help="test images per batch")
-    a.add_argument("--num-batches", type=_positive_int, default=4, help="number of test batches the Hessian averages over")
+    a.add_argument("--batch-size", type=positive_int, default=128, help="test images per batch")
+    a.add_argument("--num-batches", type=positive_int, default=4, help="number of test batches the Hessian averages over")
     a.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
-    a.add_argument("-k", "--top-k", dest="k", type=_positive_int, default=5, help="number of top eigenvalues")
-    a.add_argument("--tol", type=_positive_float, default=1e-3, help="relative tolerance of the eigenvalues")
-    a.add_argument("--trace-matvecs", type=_positive_int, default=60, help="Hutch++ budget of the trace (>= 4)")
-    a.add_argument("--density-steps", type=_positive_int, default=60, help="Lanczos steps of the density")
-    a.add_argument("--density-runs", type=_positive_int, default=1, help="independent SLQ runs of the density")
+    a.add_argument("-k", "--top-k", dest="k", type=positive_int, default=5, help="number of top eigenvalues")
+    a.add_argument("--tol", type=positive_float, default=1e-3, help="relative tolerance of the eigenvalues")
+    a.add_argument("--trace-matvecs", type=positive_int, default=60, help="Hutch++ budget of the trace (>= 4)")
+    a.add_argument("--density-steps", type=positive_int, default=60, help="Lanczos steps of the density")
+    a.add_argument("--density-runs", type=positive_int, default=1, help="independent SLQ runs of the density")
     a.add_argument("--seed", type=int, default=0, help="seed of the image subset, all random probes and directions")
     a.add_argument("--bn-mode", choices=("eval", "train"), default="eval",
                    help="BatchNorm with running statistics (eval) or batch statistics (train)")
     a.add_argument("--layerwise", action="store_true", help="also the spectrum of every layer (module)")
     a.add_argument("--layerwise-filter", default=None, help="regex: only blocks (module names) matching it")
-    a.add_argument("--layerwise-k", type=_positive_int, default=1, help="top eigenvalues per layer")
-    a.add_argument("--layerwise-trace-matvecs", type=_nonneg_int, default=12, help="trace budget per layer (0: none)")
+    a.add_argument("--layerwise-k", type=positive_int, default=1, help="top eigenvalues per layer")
+    a.add_argument("--layerwise-trace-matvecs", type=nonneg_int, default=12, help="trace budget per layer (0: none)")
     a.add_argument("--landscape", action="store_true",
                    help="also the loss along the top eigenvector and on a plane of two random filter-normalized directions")
-    a.add_argument("--landscape-steps", type=_positive_int, default=21, help="points of the 1-D landscape")
-    a.add_argument("--landscape-grid", type=_nonneg_int, default=11, help="points per axis of the 2-D landscape (0: none)")
-    a.add_argument("--landscape-distance", type=_positive_float, default=None,
+    a.add_argument("--landscape-steps", type=positive_int, default=21, help="points of the 1-D landscape")
+    a.add_argument("--landscape-grid", type=nonneg_int, default=11, help="points per axis of the 2-D landscape (0: none)")
+    a.add_argument("--landscape-distance", type=positive_float, default=None,
                    help="half-width of the 1-D landscape (default: 2*sqrt(2/lambda_1))")
     a.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
     a.add_argument("--no-progress", action="store_true", help="no progress bars")
