@@ -29,7 +29,7 @@ import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
 import hessopt  # noqa: E402
-from fsdp_worker import build_model  # noqa: E402
+from fsdp_worker import BATCH, build_model, make_batches, make_opt, train  # noqa: E402
 from hessopt._sharded import shard_of  # noqa: E402
 from hessopt.probes import probe  # noqa: E402
 
@@ -157,6 +157,22 @@ def diagnostics(rank):
     out["refuse_fisher"] = refusal(lambda: hessopt.EmpiricalFisherOperator(model, loss_fn, local_data(rank)))
     out["refuse_dense"] = refusal(op.to_dense)
     out["refuse_wrong_length"] = refusal(lambda: op @ torch.zeros(op.num_params, dtype=torch.float64))
+
+    # the whole path: train 5 steps with AdaHessian (central differences) on the sharded model, the
+    # user's loop unchanged, then the top eigenvalues of the trained model's Hessian, sharded; and the
+    # same in one process on the full batches
+    trained = build_model(shard=True)
+    half = BATCH // 2
+    mine = [(x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]) for x, y in make_batches()]
+    train(trained, make_opt("adahessian_fd", trained.parameters()), mine)
+    after = hessopt.HessianOperator(trained, loss_fn, local_data(rank), method="finite_difference")
+    out["trained_top"] = hessopt.top_eigenvalues(after, k=3, tol=1e-9, generator=0).eigenvalues
+    single = build_model()
+    train(single, make_opt("adahessian_fd", single.parameters()), make_batches())
+    out["trained_top_one_process"] = torch.linalg.eigvalsh(
+        hessopt.HessianOperator(single, loss_fn, data(), distributed=False).to_dense()).flip(0)[:3]
+    out["trained_moved"] = max(float((a.full_tensor() - b).abs().max())
+                               for a, b in zip(trained.parameters(), build_model().parameters()))
 
     # a NaN input on rank 1 only: both ranks raise the same error, and can go on
     bad = local_data(rank)
