@@ -91,6 +91,17 @@ def test_sophia_g_ranks_agree_and_train(ranks):
     assert all(torch.equal(x, y) for x, y in zip(a, ranks[0]["sophia_g_capture"]))
 
 
+def test_sophia_g_under_bfloat16_mixed_precision_trains_and_ranks_agree(ranks):
+    """FSDP2's MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32): the parameters and
+    Sophia's moments stay float32 shards and the model trains (finite, moved). Not compared with one
+    process: the bfloat16 forward of two half batches and of the whole batch round differently."""
+    start = [p.detach().float() for p in fsdp.build_model().parameters()]
+    a = ranks[0]["sophia_g_bf16"]
+    assert a["param_dtype"] == a["moment_dtype"] == "torch.float32"
+    assert all(torch.isfinite(x).all() for x in a["params"])
+    assert max((x - s).abs().max().item() for x, s in zip(a["params"], start)) > 0.05
+
+
 def test_gnb_on_shards_is_the_one_process_estimate_for_the_same_labels(ranks):
     """B * g_hat^2 with g_hat FSDP's rank average of the sampled loss's gradient and B the global
     number of predictions = the 1-process estimator on the whole batch, for the same labels."""

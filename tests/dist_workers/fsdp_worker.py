@@ -166,6 +166,23 @@ def gnb_fixed_labels(local_batch, labels):
     return [like(t, p).full_tensor() for t, p in zip(terms, params)]
 
 
+def sophia_g_mixed_precision(local_batches):
+    """Sophia-G under FSDP2's MixedPrecisionPolicy (bfloat16 compute, float32 reduce) on a float32 copy
+    of the model: gathered parameters and the moments' dtype after the 5 steps."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    torch.manual_seed(0)
+    model = Net()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for module in (model.fc1, model.fc2, model):
+        fully_shard(module, mp_policy=policy)
+    opt = make_opt("sophia_g", model.parameters())
+    train(model, opt, [(x.float(), y) for x, y in local_batches])
+    first = next(iter(model.parameters()))
+    return {"params": gathered(model), "moment_dtype": str(opt.state[first]["hessian"].dtype),
+            "param_dtype": str(first.dtype)}
+
+
 def main(out: Path, rank: int, world: int, mode: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out / 'store'}", rank=rank, world_size=world,
@@ -232,6 +249,7 @@ def main(out: Path, rank: int, world: int, mode: str) -> None:
     results["dcp"] = dcp_resume(out, local)
     labels = torch.arange(BATCH) % 3
     results["gnb_fixed_labels"] = gnb_fixed_labels(local[0], labels[rank * per_rank:(rank + 1) * per_rank])
+    results["sophia_g_bf16"] = sophia_g_mixed_precision(local)
     torch.save(results, out / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
