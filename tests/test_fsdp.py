@@ -81,10 +81,11 @@ def test_two_ranks_equal_one_process_on_the_full_batch(ranks, name, tol):
     assert max((a - s).abs().max().item() for a, s in zip(want, start)) > 0.05  # it trained
 
 
-def test_sophia_g_ranks_agree_and_train(ranks):
+def test_sophia_g_trains_and_its_explicit_form_takes_the_closures_steps(ranks):
+    # (each shard lives on one rank, and the gathered parameters are one all-gather: the ranks cannot
+    # disagree on them, so there is nothing to compare between ranks here)
     start = [p.detach() for p in fsdp.build_model().parameters()]
-    a, b = ranks[0]["sophia_g"], ranks[1]["sophia_g"]
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    a = ranks[0]["sophia_g"]
     assert all(torch.isfinite(x).all() for x in a)
     assert max((x - s).abs().max().item() for x, s in zip(a, start)) > 0.05
     # the explicit form (opt.capture(), then opt.step()) takes the same steps as the closure form
