@@ -320,6 +320,12 @@ _PIECEWISE = {
     torch.relu_: (True, None), torch.Tensor.relu_: (True, None), F.relu_: (True, None),
     F.leaky_relu: (False, 1), F.leaky_relu_: (True, 1),
 }
+#: max pooling (``F.max_poolNd``, with or without indices) -> (the function returning indices, N)
+_MAX_POOLS = {}
+for _n in (1, 2, 3):
+    _with = getattr(F, f"max_pool{_n}d_with_indices")
+    _MAX_POOLS[getattr(F, f"max_pool{_n}d")] = (_with, _n)
+    _MAX_POOLS[_with] = (_with, _n)
 
 
 class PatternMismatch(RuntimeError):
@@ -327,7 +333,8 @@ class PatternMismatch(RuntimeError):
 
 
 class _FrozenActivations(TorchFunctionMode):
-    """Record (``masks is None``) or replay the on/off pattern of ReLU and leaky-ReLU calls, in order."""
+    """Record (``masks is None``) or replay, in call order, the on/off pattern of ReLU and leaky-ReLU
+    calls (a boolean mask) and the argmax of max pooling (its indices)."""
 
     def __init__(self, masks: Optional[List[torch.Tensor]]):
         super().__init__()
@@ -335,8 +342,18 @@ class _FrozenActivations(TorchFunctionMode):
         self.masks: List[torch.Tensor] = [] if masks is None else masks
         self.index = 0
 
+    def _next(self, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.index >= len(self.masks) or self.masks[self.index].dtype != dtype or (
+                dtype == torch.bool and self.masks[self.index].shape != like.shape):
+            raise PatternMismatch(f"activation call {self.index} does not match the recorded pattern")
+        self.index += 1
+        return self.masks[self.index - 1]
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        pool = _MAX_POOLS.get(func)
+        if pool is not None:
+            return self._max_pool(func, *pool, args, kwargs)
         kind = _PIECEWISE.get(func)
         if kind is None:
             return func(*args, **kwargs)
@@ -344,10 +361,7 @@ class _FrozenActivations(TorchFunctionMode):
         if self.recording:
             self.masks.append(x.detach() > 0)  # before an in-place call overwrites x
             return func(*args, **kwargs)
-        if self.index >= len(self.masks) or self.masks[self.index].shape != x.shape:
-            raise PatternMismatch(f"activation call {self.index} does not match the recorded pattern")
-        mask = self.masks[self.index]
-        self.index += 1
+        mask = self._next(x, torch.bool)
         always_inplace, slope_at = kind
         slope = 0.0
         if slope_at is not None:
@@ -359,16 +373,33 @@ class _FrozenActivations(TorchFunctionMode):
                              torch.full((), slope, dtype=x.dtype, device=x.device))
         return x.mul_(factor) if inplace else x * factor
 
+    def _max_pool(self, func, with_indices, spatial: int, args, kwargs):
+        """Max pooling: record the argmax indices; replay them as a gather (the same window entries
+        are picked whatever the new values, so the output is linear in the input, as on one piece).
+        The indices count positions in each (sample, channel) plane of the input."""
+        want_indices = bool(kwargs.pop("return_indices", False)) or func is with_indices
+        if self.recording:
+            out, idx = with_indices(*args, **kwargs)
+            self.masks.append(idx)
+            return (out, idx) if want_indices else out
+        x = args[0]
+        idx = self._next(x, torch.long)
+        lead = x.dim() - spatial  # the (N, C) or (C,) dimensions in front of the pooled ones
+        out = x.flatten(lead).gather(lead, idx.flatten(lead)).view(idx.shape)
+        return (out, idx) if want_indices else out
+
 
 @contextlib.contextmanager
 def frozen_activations(masks: Optional[List[torch.Tensor]] = None) -> Iterator[List[torch.Tensor]]:
-    r"""Record, or replay, which units of every ReLU / leaky-ReLU call are on (this thread only).
+    r"""Record, or replay, which units of every ReLU / leaky-ReLU call are on and which entry every
+    max-pooling window picks (this thread only).
 
-    Without ``masks`` the block runs unchanged and yields the list it fills with one boolean mask
-    ``x > 0`` per call, in call order. With ``masks`` (a list recorded so) each call instead
-    multiplies its input by the recorded pattern (1 where the unit was on, the negative slope where
-    it was off), in place when the call was: the network becomes the polynomial it is on the recorded
-    piece. Why: a finite difference of gradients of a piecewise-linear network across a kink picks up
+    Without ``masks`` the block runs unchanged and yields the list it fills, in call order, with one
+    boolean mask ``x > 0`` per ReLU call and the argmax indices of every ``F.max_pool{1,2,3}d``
+    call. With ``masks`` (a list recorded so) each ReLU call instead multiplies its input by the
+    recorded pattern (1 where the unit was on, the negative slope where it was off), in place when
+    the call was, and each max pooling gathers the recorded entries: the network becomes the
+    polynomial it is on the recorded piece. Why: a finite difference of gradients of a piecewise-linear network across a kink picks up
     the gradient's jump divided by the step, which does not vanish as the step shrinks (each crossed
     unit adds a term of order ``jump / step`` and the number crossed is of order ``step``); measured
     on a 784-1024-1024-10 ReLU MLP, batch 64, float64, central differences at the default step: 331x

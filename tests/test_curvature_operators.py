@@ -100,6 +100,25 @@ def test_finite_difference_freezes_relu_patterns_so_kinks_do_not_count():
     assert _rel(many @ v, hessopt.HessianOperator(model, nn.CrossEntropyLoss(), data) @ v) < 1e-8
 
 
+def test_finite_difference_freezes_max_pooling_choices():
+    """Max pooling is piecewise linear too (the argmax of a window switches); with 64 images and this
+    probe the default step switches some: 474x off unfrozen, 7.5e-11 with the indices replayed
+    (measured)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2), nn.Tanh(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 10)).to(DT)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 3, 16, 16, generator=gen, dtype=DT), torch.arange(64) % 10
+    exact = hessopt.HessianOperator(model, nn.CrossEntropyLoss(), (x, y))
+    v = torch.randn(exact.num_params, generator=gen, dtype=DT)
+    want = exact @ v
+    fd = hessopt.HessianOperator(model, nn.CrossEntropyLoss(), (x, y), method="finite_difference")
+    assert _rel(fd @ v, want) < 1e-8
+    raw = hessopt.HessianOperator(model, nn.CrossEntropyLoss(), (x, y), method="finite_difference")
+    raw._fd.piecewise = False
+    assert _rel(raw @ v, want) > 1.0
+
+
 def test_frozen_activations_replays_in_call_order_and_refuses_a_different_model():
     from hessopt._patches import PatternMismatch, frozen_activations
 
@@ -117,6 +136,21 @@ def test_frozen_activations_replays_in_call_order_and_refuses_a_different_model(
     with pytest.raises(PatternMismatch, match="1 activation calls replayed, 2 recorded"):
         with frozen_activations(masks):
             torch.relu(moved)
+    # max pooling: the recorded argmax entries are gathered from the new input (batched, unbatched, 1-D)
+    images = _randn(2, 3, 6, 6, seed=10)
+    with frozen_activations() as picks:
+        F.max_pool2d(images, 2)
+        nn.MaxPool2d(3, stride=2, padding=1)(images[0])
+        F.max_pool1d(images.flatten(2), 3, return_indices=True)
+    assert [p.dtype for p in picks] == [torch.int64] * 3
+    shifted = images + 0.7 * _randn(2, 3, 6, 6, seed=11)
+    with frozen_activations(picks):
+        a = F.max_pool2d(shifted, 2)
+        b = nn.MaxPool2d(3, stride=2, padding=1)(shifted[0])
+        c, idx = F.max_pool1d(shifted.flatten(2), 3, return_indices=True)
+    torch.testing.assert_close(a, shifted.flatten(2).gather(2, picks[0].flatten(2)).view(picks[0].shape))
+    torch.testing.assert_close(b, shifted[0].flatten(1).gather(1, picks[1].flatten(1)).view(picks[1].shape))
+    assert torch.equal(idx, picks[2]) and torch.equal(c, shifted.flatten(2).gather(2, picks[2]))
 
 
 @pytest.mark.parametrize("bn_mode", ["eval", "train"])

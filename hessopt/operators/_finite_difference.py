@@ -11,7 +11,8 @@ product). One object per operator owns
 * **the moves**: the parameters are written through ``.data`` (values change, version counters
   do not, so a graph the user holds stays valid) and restored bit-exactly by copying the saved
   values back, never by subtracting :math:`\epsilon v`, also when a gradient fails;
-* **the activation pattern**: both evaluations run with the ReLU / leaky-ReLU on/off pattern of
+* **the activation pattern**: both evaluations run with the ReLU / leaky-ReLU on/off pattern (and
+  the max-pooling choices) of
   :math:`\theta` (:func:`hessopt._patches.frozen_activations`), recorded by one forward pass
   without gradient and kept, for a single batch, while no parameter's version counter moved. Across
   a kink a difference of gradients adds the gradient's jump divided by :math:`2\epsilon`, an error

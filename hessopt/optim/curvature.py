@@ -279,11 +279,11 @@ class FiniteDifference(CurvatureSource):
     numbers (dropout masks) as the step's own evaluation; the weights are then restored bit-exactly
     from a saved copy (never by subtracting :math:`hz`), the gradients set back to the step's own,
     and the global RNG left where the step's closure left it. The re-evaluations replay the on/off
-    pattern of the ReLU / leaky-ReLU units recorded in the step's own evaluation
+    pattern of the ReLU / leaky-ReLU units and max-pooling choices recorded in the step's own evaluation
     (:func:`hessopt._patches.frozen_activations`): a unit whose kink lies between :math:`\theta` and
     :math:`\theta\pm hz` would otherwise add its gradient's jump divided by :math:`h` (measured:
     central differences on a 1024-sample ReLU MLP 3.9e6 times the estimate off without the
-    pattern, 1e-10 with it); max pooling and other kinks are not frozen. With ``model=``, the model's buffers
+    pattern, 1e-10 with it); hardtanh/relu6, abs, clamp and other kinks are not frozen. With ``model=``, the model's buffers
     (BatchNorm running statistics) are restored too; without it, train-mode BatchNorm sees the extra
     forward passes. Only first-order backward passes: works under ``torch.compile``, fused
     attention and reentrant checkpointing. Closure form only.
