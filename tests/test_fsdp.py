@@ -17,10 +17,6 @@ central differences, 1e-8 for forward ones.
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +25,9 @@ import torch
 import hessopt
 
 WORKERS = Path(__file__).resolve().parent / "dist_workers"
+_launcher = importlib.util.spec_from_file_location("hessopt_two_ranks", WORKERS / "two_ranks.py")
+_two_ranks = importlib.util.module_from_spec(_launcher)
+_launcher.loader.exec_module(_two_ranks)
 _spec = importlib.util.spec_from_file_location("hessopt_fsdp_worker", WORKERS / "fsdp_worker.py")
 fsdp = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fsdp)
@@ -37,17 +36,7 @@ pytest.importorskip("torch.distributed.fsdp")
 
 
 def _launch(out: Path, mode: str, limit: float):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    start = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, str(WORKERS / "fsdp_worker.py"), str(out), str(r), "2", mode],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for r in range(2)]
-    try:
-        logs = [p.communicate(timeout=max(1.0, limit - (time.monotonic() - start)))[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"the 2-process FSDP2 job ({mode}) did not finish within {limit:.0f} s: a hang")
-    return procs, logs, time.monotonic() - start
+    return _two_ranks.launch(WORKERS / "fsdp_worker.py", out, mode, limit)
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,7 @@ measured errors are 1e-11 to 2e-10 (CG on a damped system included); the tests a
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -26,20 +23,14 @@ import torch
 pytest.importorskip("torch.distributed.fsdp")
 
 WORKERS = Path(__file__).resolve().parent / "dist_workers"
+_launcher = importlib.util.spec_from_file_location("hessopt_two_ranks", WORKERS / "two_ranks.py")
+_two_ranks = importlib.util.module_from_spec(_launcher)
+_launcher.loader.exec_module(_two_ranks)
 TOL = 1e-8
 
 
 def _launch(out: Path, mode: str, limit: float):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    start = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, str(WORKERS / "fsdp_operator_worker.py"), str(out), str(r), "2", mode],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for r in range(2)]
-    try:
-        logs = [p.communicate(timeout=max(1.0, limit - (time.monotonic() - start)))[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"the 2-process FSDP2 diagnostics job ({mode}) did not finish within {limit:.0f} s: a hang")
+    procs, logs, _ = _two_ranks.launch(WORKERS / "fsdp_operator_worker.py", out, mode, limit)
     return procs, logs
 
 
