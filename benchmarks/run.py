@@ -168,32 +168,30 @@ def write_report(out: str) -> list:
     return all_records
 
 
-def _reference_only(args, env) -> int:
-    from benchmarks.suite_diagnostics import fill_reference
-
+def _amend(args, env, option: str, fill, what: str) -> int:
+    """Add to the diagnostics records already in ``OUT/diagnostics.json`` with ``fill(args, env,
+    records, flush)`` (``--reference-only``, ``--products-only``) and rewrite the report."""
     path = os.path.join(args.out, "diagnostics.json")
     if not os.path.exists(path):
-        log(f"--reference-only: {path} does not exist; run the diagnostics suite into {args.out} first")
+        log(f"{option}: {path} does not exist; run the diagnostics suite into {args.out} first")
         return 2
     with open(path) as f:
         records = json.load(f)
-    fill_reference(args, env, records, flush=lambda: (_write_json(path, records), write_report(args.out)))
-    log(f"reference added to {path}; report rewritten")
+    fill(args, env, records, flush=lambda: (_write_json(path, records), write_report(args.out)))
+    log(f"{what} added to {path}; report rewritten")
     return 0
+
+
+def _reference_only(args, env) -> int:
+    from benchmarks.suite_diagnostics import fill_reference
+
+    return _amend(args, env, "--reference-only", fill_reference, "reference")
 
 
 def _products_only(args, env) -> int:
     from benchmarks.suite_diagnostics import products_only
 
-    path = os.path.join(args.out, "diagnostics.json")
-    if not os.path.exists(path):
-        log(f"--products-only: {path} does not exist; run the diagnostics suite into {args.out} first")
-        return 2
-    with open(path) as f:
-        records = json.load(f)
-    products_only(args, env, records, flush=lambda: (_write_json(path, records), write_report(args.out)))
-    log(f"per-product records added to {path}; report rewritten")
-    return 0
+    return _amend(args, env, "--products-only", products_only, "per-product records")
 
 
 def main(argv=None) -> int:

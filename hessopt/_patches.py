@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 from . import _attention, _batchnorm, _conv, _relu, _weight_norm
 
 __all__ = ["ThreadLocalPatch", "replacing", "all_active", "fast_paths", "second_order_safe", "forward_mode_safe",
-           "frozen_activations", "PatternMismatch",
+           "frozen_activations", "replaying", "PatternMismatch",
            "BACKWARD", "graph_building_backward", "capture_cross_entropy"]
 
 _LOCK = threading.Lock()
@@ -314,11 +314,12 @@ def capture_cross_entropy() -> Iterator[List[dict]]:
 # -- frozen activation patterns: finite differences of piecewise-linear networks ------------------------
 
 #: the piecewise-linear activations whose pattern :func:`frozen_activations` records and replays:
-#: func -> (always in place, position of the negative slope argument or None for ReLU)
+#: func -> (position of the negative slope argument, or None for ReLU; position of the ``inplace``
+#: argument, or True for the functions that always work in place)
 _PIECEWISE = {
-    F.relu: (False, None), torch.relu: (False, None), torch.Tensor.relu: (False, None),
-    torch.relu_: (True, None), torch.Tensor.relu_: (True, None), F.relu_: (True, None),
-    F.leaky_relu: (False, 1), F.leaky_relu_: (True, 1),
+    F.relu: (None, 1), torch.relu: (None, None), torch.Tensor.relu: (None, None),
+    torch.relu_: (None, True), torch.Tensor.relu_: (None, True), F.relu_: (None, True),
+    F.leaky_relu: (1, 2), F.leaky_relu_: (1, True),
 }
 #: max pooling (``F.max_poolNd``, with or without indices) -> (the function returning indices, N)
 _MAX_POOLS = {}
@@ -362,15 +363,15 @@ class _FrozenActivations(TorchFunctionMode):
             self.masks.append(x.detach() > 0)  # before an in-place call overwrites x
             return func(*args, **kwargs)
         mask = self._next(x, torch.bool)
-        always_inplace, slope_at = kind
-        slope = 0.0
-        if slope_at is not None:
+        slope_at, inplace_at = kind
+        inplace = inplace_at is True or (inplace_at is not None and (
+            kwargs.get("inplace", False) or (len(args) > inplace_at and bool(args[inplace_at]))))
+        if slope_at is None:  # ReLU: the mask itself is the factor
+            factor = mask
+        else:
             slope = kwargs.get("negative_slope", args[slope_at] if len(args) > slope_at else 0.01)
-        inplace = always_inplace or kwargs.get("inplace", False) or (
-            func is F.relu and len(args) > 1 and bool(args[1])) or (
-            func is F.leaky_relu and len(args) > 2 and bool(args[2]))
-        factor = torch.where(mask, torch.ones((), dtype=x.dtype, device=x.device),
-                             torch.full((), slope, dtype=x.dtype, device=x.device))
+            factor = torch.where(mask, torch.ones((), dtype=x.dtype, device=x.device),
+                                 torch.full((), slope, dtype=x.dtype, device=x.device))
         return x.mul_(factor) if inplace else x * factor
 
     def _max_pool(self, func, with_indices, spatial: int, args, kwargs):
@@ -389,6 +390,11 @@ class _FrozenActivations(TorchFunctionMode):
         return (out, idx) if want_indices else out
 
 
+def replaying(masks: Optional[List[torch.Tensor]]):
+    """``frozen_activations(masks)`` to replay a recorded pattern, nothing for ``None`` (no pattern)."""
+    return contextlib.nullcontext() if masks is None else frozen_activations(masks)
+
+
 @contextlib.contextmanager
 def frozen_activations(masks: Optional[List[torch.Tensor]] = None) -> Iterator[List[torch.Tensor]]:
     r"""Record, or replay, which units of every ReLU / leaky-ReLU call are on and which entry every
@@ -399,9 +405,10 @@ def frozen_activations(masks: Optional[List[torch.Tensor]] = None) -> Iterator[L
     call. With ``masks`` (a list recorded so) each ReLU call instead multiplies its input by the
     recorded pattern (1 where the unit was on, the negative slope where it was off), in place when
     the call was, and each max pooling gathers the recorded entries: the network becomes the
-    polynomial it is on the recorded piece. Why: a finite difference of gradients of a piecewise-linear network across a kink picks up
-    the gradient's jump divided by the step, which does not vanish as the step shrinks (each crossed
-    unit adds a term of order ``jump / step`` and the number crossed is of order ``step``); measured
+    polynomial it is on the recorded piece. Why: a finite difference of gradients of a
+    piecewise-linear network across a kink picks up the gradient's jump divided by the step, which
+    does not vanish as the step shrinks (each crossed unit adds a term of order ``jump / step`` and
+    the number crossed is of order ``step``); measured
     on a 784-1024-1024-10 ReLU MLP, batch 64, float64, central differences at the default step: 331x
     the size of the true Hessian-vector product, 1.0e-10 with the pattern frozen. Raises
     :class:`PatternMismatch` when the calls differ from the recorded ones.

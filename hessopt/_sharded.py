@@ -142,12 +142,15 @@ class Sharding:
         """``n`` summed over the ranks."""
         return int(self.sum_over_ranks(torch.tensor([n], dtype=torch.float64)).item())
 
-    def probe(self, p: torch.Tensor, generator: torch.Generator, distribution: str) -> torch.Tensor:
-        """This rank's chunk of a full-size probe for ``p`` (every rank draws the same full probe)."""
+    def probe(self, p: torch.Tensor, generator: torch.Generator, distribution: str,
+              dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """This rank's chunk of a full-size probe for ``p`` (every rank draws the same full probe;
+        in ``p``'s dtype unless ``dtype`` is given)."""
         from .probes import probe
 
         lp = local(p)
-        full = probe(tuple(p.shape), generator, dtype=lp.dtype, device=lp.device, distribution=distribution)
+        full = probe(tuple(p.shape), generator, dtype=lp.dtype if dtype is None else dtype, device=lp.device,
+                     distribution=distribution)
         return shard_of(full, p)
 
     @staticmethod

@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from .._patches import frozen_activations
-from .._sharded import local, reshard
+from .._patches import frozen_activations, replaying
+from .._sharded import local
 from .base import flatten
 
 __all__ = ["Perturbation", "check_fd_step"]
@@ -104,10 +104,8 @@ class Perturbation:
         key = tuple(local(p)._version for p in op.params)
         if op._single and self._pattern is not None and self._pattern[0] == key:
             return self._pattern[1]
-        with torch.no_grad(), frozen_activations() as masks:
+        with op._forward_without_backward(), frozen_activations() as masks:
             forward(batch)
-        if op.is_sharded:
-            reshard(op._shards.fsdp_modules)  # a forward without backward leaves the root unsharded
         if not masks:
             self.piecewise = False
             return None
@@ -115,7 +113,4 @@ class Perturbation:
             self._pattern = (key, masks)
         return masks
 
-    @staticmethod
-    def frozen(pattern: Optional[List[torch.Tensor]]):
-        """The context in which an evaluation replays ``pattern`` (nothing for ``None``)."""
-        return contextlib.nullcontext() if pattern is None else frozen_activations(pattern)
+    frozen = staticmethod(replaying)  # the context in which an evaluation replays a pattern

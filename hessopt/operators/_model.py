@@ -435,6 +435,16 @@ class ModelOperator(CurvatureOperator):
                 total.add_(flatten(product), alpha=weight)
         return total
 
+    def _forward_without_backward(self):
+        """``torch.no_grad()`` for forward passes no backward follows; on FSDP2 also the reshard after
+        them (:meth:`ShardedModel.forward_without_backward`)."""
+        if self._shards is None:
+            return torch.no_grad()
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._shards.forward_without_backward())
+        stack.enter_context(torch.no_grad())
+        return stack
+
     def _sharded_weighted_losses(self) -> Iterator[torch.Tensor]:
         """Each batch's mean loss times its weight ``W n_rb / N`` (sharded operators)."""
         for batch, weight in zip(self._batches(), self._shards.weights(self)):
@@ -447,7 +457,7 @@ class ModelOperator(CurvatureOperator):
             total = torch.zeros(self.local_size, dtype=self.dtype, device=self.device)
             with self._rng_guard(), self._shards.grads_stashed(self.model):
                 for loss in self._sharded_weighted_losses():
-                    total.add_(flatten(self._shards.gradient(loss, self.params, self.model)))
+                    total.add_(flatten(self._shards.gradient(loss, self.params)))
             self._shards.check_finite(total, "the gradient")
             return total
 
@@ -470,7 +480,7 @@ class ModelOperator(CurvatureOperator):
         """The (data-set) mean loss at the current parameters, in the operator's mode."""
         if self._shards is not None:
             total = torch.zeros(1, dtype=torch.float64, device=self.device)
-            with torch.no_grad(), self._rng_guard(), self._shards.grads_stashed(self.model):
+            with self._forward_without_backward(), self._rng_guard():
                 for loss in self._sharded_weighted_losses():
                     total += loss.double() / self._shards.world
             return float(self._shards.reduce_sum(total).item())

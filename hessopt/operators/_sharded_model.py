@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .._sharded import Sharding, check_sharded_parameter, fsdp_modules, is_dtensor, local, reshard
-from .base import NonFiniteCurvatureError
+from .base import NonFiniteCurvatureError, _is_finite
 
 __all__ = ["ShardedModel", "sharded_model_of", "NEEDS_FINITE_DIFFERENCES"]
 
@@ -93,14 +93,7 @@ class ShardedModel:
               distribution: str) -> torch.Tensor:
         """This process's part of a random vector: each parameter's full-size block drawn in turn
         (identically on every process), of which the process keeps its chunk."""
-        from .._sharded import shard_of
-        from ..probes import probe
-
-        chunks = []
-        for p in params:
-            full = probe(tuple(p.shape), generator, dtype=dtype, device=local(p).device, distribution=distribution)
-            chunks.append(shard_of(full, p).reshape(-1))
-            del full
+        chunks = [self.sharding.probe(p, generator, distribution, dtype).reshape(-1) for p in params]
         return torch.cat(chunks) if chunks else torch.zeros(0, dtype=dtype)
 
     def broadcast_seed(self, seed: int) -> int:
@@ -114,9 +107,10 @@ class ShardedModel:
     def weights(self, op) -> List[float]:
         """``W n_rb / N`` for each of this process's batches (computed once; see the module docstring).
 
-        One ``all_reduce`` of (samples, batches, -batches, a failure flag) sums the samples and finds
-        the fewest and most batches over the processes; every process raises together when they
-        differ, when there are no samples at all, or when some process could not size its batches.
+        Two ``all_reduce``s, once: the sum of the samples, and the maximum of (-batches, batches, a
+        failure flag), i.e. the fewest and most batches over the processes and whether some process
+        could not size its batches; every process raises together when the counts differ, when there
+        are no samples at all, or on such a failure.
         """
         if self._weights is not None:
             return self._weights
@@ -125,12 +119,11 @@ class ShardedModel:
             sizes = [op._batch_size(batch) for batch in op._data]
         except Exception as err:  # noqa: BLE001 - raised below, after every process has joined
             failure = err
-        head = torch.tensor([float(sum(sizes)), -float(len(sizes)), float(len(sizes)), float(failure is not None)],
-                            dtype=torch.float64, device=self.sharding.device)
         import torch.distributed as dist
 
-        total = self.reduce_sum(head[:1].clone())
-        extremes = head[1:].clone()
+        device = self.sharding.device
+        total = float(self.reduce_sum(torch.tensor([float(sum(sizes))], dtype=torch.float64, device=device)))
+        extremes = torch.tensor([-len(sizes), len(sizes), failure is not None], dtype=torch.float64, device=device)
         dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=self.sharding.group)
         fewest, most, failed = -float(extremes[0]), float(extremes[1]), float(extremes[2])
         if failure is not None:
@@ -143,9 +136,9 @@ class ShardedModel:
                 "batches; FSDP pairs every process's forward and backward with the others', so every "
                 "process must pass the same number of batches (their sizes may differ)"
             )
-        if float(total) == 0:
+        if total == 0:
             raise ValueError(f"{self.name}: data is empty on every process: pass at least one batch")
-        self._weights = [self.world * n / float(total) for n in sizes]
+        self._weights = [self.world * n / total for n in sizes]
         return self._weights
 
     @contextlib.contextmanager
@@ -165,18 +158,25 @@ class ShardedModel:
             for p, g in zip(params, kept):
                 p.grad = g
 
-    def gradient(self, loss: torch.Tensor, params: Sequence[torch.Tensor], model: nn.Module) -> List[torch.Tensor]:
+    @contextlib.contextmanager
+    def forward_without_backward(self) -> Iterator[None]:
+        """Around a forward pass that no backward follows: afterwards the model is resharded, since
+        FSDP2's root keeps its unsharded parameters registered for the backward it expects, and its
+        next forward would use them as gathered now (stale once the parameters have moved)."""
+        try:
+            yield
+        finally:
+            reshard(self.fsdp_modules)
+
+    def gradient(self, loss: torch.Tensor, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """This process's chunks of the gradient of ``loss`` (averaged over processes by FSDP), by a
-        plain ``backward()`` (inside :meth:`grads_stashed`: the gradients are cleared after)."""
-        loss.backward()
-        grads = [torch.zeros_like(local(p)) if p.grad is None else local(p.grad).detach().clone() for p in params]
-        for p in model.parameters():
-            p.grad = None
-        return grads
+        plain ``backward()`` (:meth:`hessopt._sharded.Sharding.backward_grads`; inside
+        :meth:`grads_stashed`, which puts every parameter's own ``.grad`` back)."""
+        return self.sharding.backward_grads(loss, params, retain_graph=False)
 
     def check_finite(self, value: torch.Tensor, what: str) -> None:
         """Raise on every process when ``value`` is not finite on some process."""
-        if not self.all_true(bool(torch.isfinite(value).all())):
+        if not self.all_true(_is_finite(value)):
             raise NonFiniteCurvatureError(
                 f"{self.name} produced NaN/Inf ({what}) on some process: the loss or its curvature is not "
                 "finite at these parameters (check the loss values and the inputs of every process)"

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _batches
-from .._sharded import local, reshard
+from .._sharded import local
 from ._finite_difference import Perturbation, check_fd_step
 from ._model import ModelOperator, ParamSpec, _call_args, operator_mode
 from ._sharded_model import NEEDS_FINITE_DIFFERENCES
@@ -310,13 +310,8 @@ class GGNOperator(ModelOperator):
     def _moved_outputs(self, batch: Any, sign: float, pattern) -> torch.Tensor:
         """The outputs at ``theta + sign eps v`` (no gradient, the activation pattern replayed)."""
         self._fd.move(sign)
-        with torch.no_grad(), self._fd.frozen(pattern):
-            z = self._outputs(batch)[0]
-        if self.is_sharded:
-            # a forward without backward leaves FSDP2's root unsharded: its next forward would reuse
-            # the parameters gathered at this point instead of gathering the moved ones
-            reshard(self._shards.fsdp_modules)
-        return z
+        with self._forward_without_backward(), self._fd.frozen(pattern):
+            return self._outputs(batch)[0]
 
     def _finite_difference_products(self, vectors: List[torch.Tensor]) -> Iterator[Tuple[List[torch.Tensor], float]]:
         """``J^T H_l (f(theta + eps v) - f(theta - eps v)) / 2 eps`` per batch (module docstring);
@@ -338,7 +333,7 @@ class GGNOperator(ModelOperator):
                     hu = loss_hessian_product(self.loss_fn, z.detach(), targets, jv).to(z.dtype)
                     surrogate = (z * hu).sum()  # its gradient is J^T H_l J v
                     if weights is not None:
-                        yield self._shards.gradient(surrogate * weights[i], self.params, self.model), 1.0
+                        yield self._shards.gradient(surrogate * weights[i], self.params), 1.0
                         continue
                     grads = torch.autograd.grad(surrogate, self.params, allow_unused=True)
                 yield [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)], float(n)

@@ -169,7 +169,7 @@ class HessianOperator(ModelOperator):
     def _sharded_gradient(self, batch: Any, weight: float) -> Tuple[List[torch.Tensor], float]:
         """This process's chunks of the weighted, process-averaged gradient (already weighted: 1)."""
         loss, _ = self._forward_loss(batch, second_order=False)
-        return self._shards.gradient(loss * weight, self.params, self.model), 1.0
+        return self._shards.gradient(loss * weight, self.params), 1.0
 
     def _finite_differences(self, vectors: List[torch.Tensor]) -> Iterator[Tuple[List[torch.Tensor], float]]:
         """Central differences of gradients (see the class docstring and :mod:`._finite_difference`);

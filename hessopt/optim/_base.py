@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Se
 import torch
 
 from .._checks import check_positive_int
-from .._patches import PatternMismatch, capture_cross_entropy, frozen_activations, graph_building_backward
+from .._patches import PatternMismatch, capture_cross_entropy, frozen_activations, graph_building_backward, replaying
 from ..hvp import second_order_safe
 from ._multi_tensor import commit_parameter_updates, finite_flags, interrupts_held
 from .._sharded import Sharding, check_sharded_parameter, is_dtensor, like, local, sharding_of
@@ -443,7 +443,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         def evaluate(pattern) -> None:
             _set_rng_states(self._devices(), run.rng_before)
-            with torch.enable_grad(), contextlib.nullcontext() if pattern is None else frozen_activations(pattern):
+            with torch.enable_grad(), replaying(pattern):
                 run.closure()
 
         def again() -> List[torch.Tensor]:
